@@ -1,0 +1,37 @@
+//! `musubi-bench`: reproducible whole-system benchmarks. See bench/README.md.
+
+mod certify;
+mod sys;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "musubi-bench",
+    about = "Musubi benchmarks (see bench/README.md)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Certificates per second: raw signing in-process, and end to end over gRPC+TLS against
+    /// a `musubi-identity serve` process pinned to one core.
+    Certify(certify::Args),
+}
+
+fn main() -> Result<()> {
+    musubi_identity::crypto::install_default();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        match cli.command {
+            Command::Certify(a) => certify::run(a).await,
+        }
+    })
+}

