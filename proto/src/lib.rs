@@ -7,3 +7,17 @@ pub mod identity {
         tonic::include_proto!("musubi.identity.v1");
     }
 }
+
+/// `musubi.discovery.v1`: what is behind a destination.
+pub mod discovery {
+    pub mod v1 {
+        tonic::include_proto!("musubi.discovery.v1");
+    }
+}
+
+/// `musubi.policy.v1`: inbound mTLS mode and authorization.
+pub mod policy {
+    pub mod v1 {
+        tonic::include_proto!("musubi.policy.v1");
+    }
+}
