@@ -3,4 +3,6 @@
 //! metrics. It does not issue certificates or parse them (that is `musubi-identity`), and it
 //! does not decide routing or policy (that comes from the controller's streams).
 
+pub mod detect;
 pub mod init;
+pub mod transport;
