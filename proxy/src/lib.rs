@@ -3,6 +3,25 @@
 //! metrics. It does not issue certificates or parse them (that is `musubi-identity`), and it
 //! does not decide routing or policy (that comes from the controller's streams).
 
+pub mod admin;
+pub mod config;
+pub mod control;
+pub mod ctx;
+pub mod destination;
 pub mod detect;
+pub mod drain;
+pub mod http;
+pub mod inbound;
 pub mod init;
+pub mod metrics;
+pub mod outbound;
+pub mod policy;
+pub mod pool;
+pub mod run;
 pub mod transport;
+
+/// The application port a redirected connection was for (transparent mode).
+pub(crate) fn orig_dst_port(tcp: &tokio::net::TcpStream) -> Option<u16> {
+    // Replaced by SO_ORIGINAL_DST (see `orig_dst`) once transparent capture lands.
+    tcp.local_addr().ok().map(|a| a.port())
+}

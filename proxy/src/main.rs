@@ -1,27 +1,100 @@
-//! `musubi-proxy`: run the sidecar, or write a pod's iptables rules (`init`).
+//! `musubi-proxy`: run the sidecar (configured by `MUSUBI_PROXY_*` environment variables), or
+//! write a pod's iptables rules (`init`).
 
 use clap::{Parser, Subcommand};
+use musubi_proxy::config::{Config, Env};
+use musubi_proxy::run::{self, StartOptions};
+
+/// Exit code for a bad configuration (EX_USAGE).
+const EXIT_CONFIG: i32 = 64;
 
 #[derive(Parser)]
 #[command(name = "musubi-proxy", version, about = "Musubi sidecar proxy")]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the proxy (the default). Configuration comes from MUSUBI_PROXY_* variables.
+    Run,
     /// Write the iptables rules that redirect a pod's traffic through the proxy.
     Init(musubi_proxy::init::InitArgs),
 }
 
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MUSUBI_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("MUSUBI_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Init(a) => musubi_proxy::init::run(a),
-    };
-    if let Err(e) = result {
-        eprintln!("musubi-proxy: {e:#}");
-        std::process::exit(e.exit_code());
+    match cli.command {
+        Some(Command::Init(a)) => {
+            if let Err(e) = musubi_proxy::init::run(a) {
+                eprintln!("musubi-proxy init: {e:#}");
+                std::process::exit(e.exit_code());
+            }
+        }
+        None | Some(Command::Run) => {
+            musubi_identity::crypto::install_default();
+            init_tracing();
+            let config = match Config::from_source(&Env) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("musubi-proxy: bad configuration: {e}");
+                    std::process::exit(EXIT_CONFIG);
+                }
+            };
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("musubi-proxy: cannot start the runtime: {e}");
+                    std::process::exit(1);
+                }
+            };
+            if let Err(e) = rt.block_on(serve(config)) {
+                eprintln!("musubi-proxy: {e}");
+                std::process::exit(EXIT_CONFIG);
+            }
+        }
     }
+}
+
+async fn serve(config: Config) -> Result<(), run::StartError> {
+    let running = run::start(config, StartOptions::default()).await?;
+    println!(
+        "LISTENING inbound={} outbound={} admin={}",
+        running.inbound, running.outbound, running.admin
+    );
+    let drain = running.drain.clone();
+    tokio::spawn(async move {
+        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+        match term {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        drain.start();
+    });
+    running.stopped().await;
+    Ok(())
 }

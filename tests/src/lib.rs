@@ -4,7 +4,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support: fail loudly
 
+pub mod apps;
 pub mod envoy;
+pub mod mesh;
 
 use musubi_identity::client::{self, RemoteCertSource, TokenSource};
 use musubi_identity::renew::{RenewPolicy, Renewal};

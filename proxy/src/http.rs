@@ -1,0 +1,181 @@
+//! HTTP plumbing shared by inbound and outbound: one body type, hop-by-hop header handling,
+//! and the headers Musubi adds between proxies.
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// The verified client identity, added by the inbound proxy for the application. Any copy
+/// arriving from outside is removed first.
+pub const CLIENT_ID: HeaderName = HeaderName::from_static("musubi-client-id");
+/// Set by the outbound proxy when the application spoke HTTP/1.x, so the inbound proxy gives the
+/// server application HTTP/1.x too. Values: `HTTP/1.1`, `HTTP/1.0`.
+pub const ORIG_PROTO: HeaderName = HeaderName::from_static("musubi-orig-proto");
+/// Set on responses the proxy itself generated (not the application), with the reason.
+pub const PROXY_ERROR: HeaderName = HeaderName::from_static("musubi-proxy-error");
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+pub fn incoming(b: hyper::body::Incoming) -> Body {
+    b.boxed()
+}
+
+/// A response made by the proxy, with a reason the caller can read.
+pub fn error_response(status: StatusCode, reason: &str) -> Response<Body> {
+    let mut resp = Response::new(full(format!("{reason}\n")));
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if let Ok(v) = HeaderValue::from_str(reason) {
+        headers.insert(PROXY_ERROR, v);
+    }
+    resp
+}
+
+/// Connection-specific headers, which HTTP/2 forbids and proxies must not forward.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named in `Connection` are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::PROXY_AUTHORIZATION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(n);
+    }
+    if headers.get(header::TE).is_some_and(|v| v != "trailers") {
+        headers.remove(header::TE);
+    }
+}
+
+/// Whether a request asks to switch protocols (websockets and the like).
+pub fn is_upgrade<B>(req: &http::Request<B>) -> bool {
+    req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+pub fn version_name(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/?",
+    }
+}
+
+/// The authority a request is for: the URI's (absolute form, HTTP/2) or the Host header.
+pub fn authority<B>(req: &http::Request<B>) -> Option<String> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.to_string());
+    }
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+}
+
+/// `host:port`, adding the scheme's default port when the authority has none.
+pub fn with_port(authority: &str, default_port: u16) -> String {
+    match authority.parse::<http::uri::Authority>() {
+        Ok(a) if a.port_u16().is_some() => authority.to_string(),
+        _ => format!("{authority}:{default_port}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_table() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-keep"]);
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert!(
+            h.contains_key(header::TE),
+            "TE: trailers is what gRPC needs"
+        );
+    }
+
+    #[test]
+    fn with_port_table() {
+        for (input, want) in [
+            ("api", "api:80"),
+            ("api:8080", "api:8080"),
+            (
+                "api.shop.svc.cluster.local:9090",
+                "api.shop.svc.cluster.local:9090",
+            ),
+            ("10.0.0.1", "10.0.0.1:80"),
+            ("10.0.0.1:81", "10.0.0.1:81"),
+            ("[::1]", "[::1]:80"),
+            ("[::1]:8080", "[::1]:8080"),
+        ] {
+            assert_eq!(with_port(input, 80), want, "{input}");
+        }
+    }
+
+    #[test]
+    fn upgrade_detection() {
+        let req = http::Request::builder()
+            .header("connection", "keep-alive, Upgrade")
+            .header("upgrade", "websocket")
+            .body(())
+            .unwrap();
+        assert!(is_upgrade(&req));
+        let req = http::Request::builder()
+            .header("upgrade", "websocket")
+            .body(())
+            .unwrap();
+        assert!(!is_upgrade(&req));
+    }
+}

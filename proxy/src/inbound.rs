@@ -1,0 +1,475 @@
+//! Inbound: connections from other workloads (their proxies, over mesh mTLS) and, where policy
+//! is PERMISSIVE, from plaintext clients. STRICT ports refuse anything that is not mesh mTLS.
+//! Every request reaching the application carries the verified client identity in
+//! `musubi-client-id` (any copy from outside is removed).
+
+use crate::ctx::Ctx;
+use crate::http::{self as h, Body, error_response};
+use crate::metrics::{
+    AuthzLabels, INBOUND, LatencyLabels, ReasonLabels, RequestLabels, ResponseLabels, TcpLabels,
+    classify,
+};
+use crate::outbound::copy_counted;
+use crate::policy::{Decision, Peer, authorize};
+use crate::pool::ALPN;
+use crate::transport::{Header, Protocol};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::ServerConfig;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const PEEK_LIMIT: usize = 16 * 1024;
+
+/// Accepts until draining starts. `tls` is the mesh server config (client SVID required).
+pub async fn serve(ctx: Arc<Ctx>, listener: TcpListener, tls: Arc<ServerConfig>) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = ctx.drain.signaled() => return,
+        };
+        let (tcp, client) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "inbound accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let ctx = ctx.clone();
+        let tls = tls.clone();
+        let guard = ctx.drain.guard();
+        tokio::spawn(async move {
+            connection(ctx, tcp, client, tls).await;
+            drop(guard);
+        });
+    }
+}
+
+/// What the first bytes say the connection is.
+#[derive(Debug, PartialEq, Eq)]
+enum Hello {
+    /// A TLS ClientHello offering Musubi's ALPN.
+    Mesh,
+    /// TLS, but not ours (the application's own TLS).
+    OtherTls,
+    Plaintext,
+}
+
+/// Peeks (without consuming) at the ClientHello to tell mesh TLS from anything else.
+async fn classify_hello(tcp: &TcpStream, timeout: Duration) -> std::io::Result<Hello> {
+    let mut buf = vec![0u8; PEEK_LIMIT];
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await {
+            Ok(r) => r?,
+            Err(_) => return Ok(Hello::Plaintext),
+        };
+        if n == 0 {
+            return Ok(Hello::Plaintext);
+        }
+        if buf[0] != 0x16 {
+            return Ok(Hello::Plaintext);
+        }
+        let mut acceptor = rustls::server::Acceptor::default();
+        let mut rd = &buf[..n];
+        if acceptor.read_tls(&mut rd).is_err() {
+            return Ok(Hello::OtherTls);
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                let mesh = accepted
+                    .client_hello()
+                    .alpn()
+                    .is_some_and(|mut a| a.any(|p| p == ALPN));
+                return Ok(if mesh { Hello::Mesh } else { Hello::OtherTls });
+            }
+            Ok(None) if n < PEEK_LIMIT => {
+                // Partial hello: wait for more bytes to arrive.
+                tokio::time::timeout_at(deadline, tcp.readable()).await.ok();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            _ => return Ok(Hello::OtherTls),
+        }
+    }
+}
+
+/// The application port a plaintext or non-mesh connection is for.
+fn plain_target_port(ctx: &Ctx, tcp: &TcpStream) -> Option<u16> {
+    match ctx.config.mode {
+        crate::config::CaptureMode::Explicit => ctx.config.app_ports.first().copied(),
+        crate::config::CaptureMode::Transparent => crate::orig_dst_port(tcp),
+    }
+}
+
+async fn connection(ctx: Arc<Ctx>, tcp: TcpStream, client: SocketAddr, tls: Arc<ServerConfig>) {
+    let hello = match classify_hello(&tcp, ctx.config.detect_timeout).await {
+        Ok(h) => h,
+        Err(_) => return,
+    };
+    match hello {
+        Hello::Mesh => mesh(ctx, tcp, client, tls).await,
+        Hello::OtherTls | Hello::Plaintext => {
+            let Some(port) = plain_target_port(&ctx, &tcp) else {
+                ctx.metrics.refused(INBOUND, "no_target_port");
+                return;
+            };
+            let decision = authorize(
+                &ctx.policy.borrow(),
+                port,
+                &Peer::Unauthenticated,
+                &ctx.config.trust_domain,
+            );
+            count_authz(&ctx, port, decision);
+            if decision != Decision::Allow {
+                let reason = if hello == Hello::OtherTls {
+                    "non_mesh_tls_in_strict"
+                } else {
+                    "plaintext_in_strict"
+                };
+                ctx.metrics.refused(
+                    INBOUND,
+                    if decision == Decision::DenyPlaintext {
+                        reason
+                    } else {
+                        "unauthorized"
+                    },
+                );
+                tracing::info!(%client, port, reason, "refused a connection without mesh mTLS");
+                return;
+            }
+            if hello == Hello::OtherTls {
+                opaque_to_app(&ctx, tcp, port, String::new(), false).await;
+            } else {
+                plaintext(ctx, tcp, port).await;
+            }
+        }
+    }
+}
+
+fn count_authz(ctx: &Ctx, port: u16, decision: Decision) {
+    ctx.metrics
+        .authz
+        .get_or_create(&AuthzLabels {
+            port,
+            decision: decision.label(),
+        })
+        .inc();
+}
+
+async fn mesh(ctx: Arc<Ctx>, tcp: TcpStream, client: SocketAddr, tls: Arc<ServerConfig>) {
+    let accepted = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        tokio_rustls::TlsAcceptor::from(tls).accept(tcp),
+    )
+    .await;
+    let mut stream = match accepted {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let reason = match e.to_string() {
+                t if t.contains("no certificates") => "no_client_certificate",
+                t if t.contains("not in trust domain") => "foreign_trust_domain",
+                t if t.contains("xpired") => "expired",
+                t if t.contains("UnknownIssuer") || t.contains("BadSignature") => "unknown_ca",
+                _ => "other",
+            };
+            ctx.metrics
+                .tls_failures
+                .get_or_create(&ReasonLabels {
+                    direction: INBOUND,
+                    reason,
+                })
+                .inc();
+            tracing::info!(%client, error = %e, "inbound mTLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            ctx.metrics
+                .tls_failures
+                .get_or_create(&ReasonLabels {
+                    direction: INBOUND,
+                    reason: "timeout",
+                })
+                .inc();
+            return;
+        }
+    };
+    ctx.metrics
+        .tls_handshakes
+        .get_or_create(&ReasonLabels {
+            direction: INBOUND,
+            reason: "ok",
+        })
+        .inc();
+    let Some(peer) = musubi_identity::tls::peer_identity(stream.get_ref().1.peer_certificates())
+    else {
+        ctx.metrics.refused(INBOUND, "no_client_identity");
+        return;
+    };
+    let header =
+        match tokio::time::timeout(ctx.config.detect_timeout, Header::read(&mut stream)).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                ctx.metrics.refused(INBOUND, "bad_transport_header");
+                tracing::info!(%client, %peer, error = %e, "refused: bad transport header");
+                return;
+            }
+            Err(_) => {
+                ctx.metrics.refused(INBOUND, "transport_header_timeout");
+                return;
+            }
+        };
+    if !ctx.app_port_allowed(header.port) {
+        ctx.metrics.refused(INBOUND, "port_not_allowed");
+        tracing::info!(%client, %peer, port = header.port, "refused: not an application port of this workload");
+        return;
+    }
+    match header.protocol {
+        Protocol::Opaque => {
+            let decision = authorize(
+                &ctx.policy.borrow(),
+                header.port,
+                &Peer::Mesh(peer.clone()),
+                &ctx.config.trust_domain,
+            );
+            count_authz(&ctx, header.port, decision);
+            if decision != Decision::Allow {
+                ctx.metrics.refused(INBOUND, "unauthorized");
+                tracing::info!(%client, %peer, port = header.port, "denied opaque connection");
+                return;
+            }
+            opaque_to_app(&ctx, stream, header.port, peer.to_string(), true).await;
+        }
+        Protocol::Http2 | Protocol::Http1 => {
+            let svc_ctx = ctx.clone();
+            let port = header.port;
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let ctx = svc_ctx.clone();
+                let peer = Peer::Mesh(peer.clone());
+                async move { Ok::<_, std::convert::Infallible>(to_app(ctx, req, peer, port).await) }
+            });
+            let io = TokioIo::new(stream);
+            let result = if header.protocol == Protocol::Http2 {
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(io, svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = ctx.drain.signaled() => { conn.as_mut().graceful_shutdown(); conn.await }
+                }
+            } else {
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, svc)
+                    .with_upgrades();
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = ctx.drain.signaled() => { conn.as_mut().graceful_shutdown(); conn.await }
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%client, error = %e, "inbound mesh connection ended with an error");
+            }
+        }
+    }
+}
+
+async fn plaintext(ctx: Arc<Ctx>, tcp: TcpStream, port: u16) {
+    let (detected, took) = match crate::detect::detect(&tcp, ctx.config.detect_timeout).await {
+        Ok(d) => d,
+        Err(_) => return,
+    };
+    let labels = crate::metrics::DetectLabels {
+        direction: INBOUND,
+        protocol: detected.as_str(),
+    };
+    ctx.metrics.detections.get_or_create(&labels).inc();
+    ctx.metrics
+        .detect_seconds
+        .get_or_create(&labels)
+        .observe(took.as_secs_f64());
+    if detected == crate::detect::Detected::Opaque {
+        return opaque_to_app(&ctx, tcp, port, String::new(), false).await;
+    }
+    let svc_ctx = ctx.clone();
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let ctx = svc_ctx.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(to_app(ctx, req, Peer::Unauthenticated, port).await)
+        }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
+    tokio::pin!(conn);
+    let _ = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = ctx.drain.signaled() => { conn.as_mut().graceful_shutdown(); conn.await }
+    };
+}
+
+async fn opaque_to_app<S>(ctx: &Ctx, mut downstream: S, port: u16, peer: String, tls: bool)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let Ok(mut app) = TcpStream::connect(("127.0.0.1", port)).await else {
+        ctx.metrics.refused(INBOUND, "app_unreachable");
+        return;
+    };
+    let _ = app.set_nodelay(true);
+    let labels = TcpLabels {
+        direction: INBOUND,
+        peer_identity: peer,
+        tls: if tls { "true" } else { "false" },
+    };
+    copy_counted(ctx, labels, &mut downstream, &mut app).await;
+}
+
+/// Forwards one request to the application on `port`, as the HTTP version the client app used.
+async fn to_app(
+    ctx: Arc<Ctx>,
+    mut req: Request<Incoming>,
+    peer: Peer,
+    port: u16,
+) -> Response<Body> {
+    let started = Instant::now();
+    let (peer_label, tls) = match &peer {
+        Peer::Mesh(id) => (id.to_string(), "true"),
+        Peer::Unauthenticated => (String::new(), "false"),
+    };
+    let authority = h::authority(&req).unwrap_or_default();
+    let authority_label = ctx.metrics.authorities.label(&authority);
+    ctx.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            direction: INBOUND,
+            authority: authority_label.clone(),
+            peer_identity: peer_label.clone(),
+            tls,
+        })
+        .inc();
+    let decision = authorize(&ctx.policy.borrow(), port, &peer, &ctx.config.trust_domain);
+    count_authz(&ctx, port, decision);
+    let resp = if decision != Decision::Allow {
+        ctx.metrics.refused(INBOUND, "unauthorized");
+        error_response(
+            StatusCode::FORBIDDEN,
+            &format!("{} may not call port {port}", describe(&peer)),
+        )
+    } else {
+        let upgrade = h::is_upgrade(&req);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let orig = parts.headers.remove(h::ORIG_PROTO);
+        let client_version = parts.version;
+        parts.headers.remove(h::CLIENT_ID);
+        if let Peer::Mesh(id) = &peer
+            && let Ok(v) = id.to_string().parse()
+        {
+            parts.headers.insert(h::CLIENT_ID, v);
+        }
+        let to_http1 = match orig.as_ref().and_then(|v| v.to_str().ok()) {
+            Some("HTTP/1.0") | Some("HTTP/1.1") => true,
+            Some(_) => false,
+            None => client_version != Version::HTTP_2,
+        };
+        if !upgrade {
+            h::strip_hop_by_hop(&mut parts.headers);
+        }
+        if to_http1
+            && !parts.headers.contains_key(http::header::HOST)
+            && let Ok(v) = authority.parse()
+        {
+            parts.headers.insert(http::header::HOST, v);
+        }
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        parts.uri = Uri::builder()
+            .scheme("http")
+            .authority(format!("127.0.0.1:{port}"))
+            .path_and_query(path)
+            .build()
+            .unwrap_or_default();
+        parts.version = if to_http1 {
+            Version::HTTP_11
+        } else {
+            Version::HTTP_2
+        };
+        let client = if to_http1 { &ctx.http1 } else { &ctx.http2 };
+        match client
+            .request(Request::from_parts(parts, h::incoming(body)))
+            .await
+        {
+            Ok(mut resp) => {
+                if let Some(client_upgrade) = client_upgrade
+                    && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                {
+                    let app_upgrade = hyper::upgrade::on(&mut resp);
+                    tokio::spawn(async move {
+                        if let (Ok(c), Ok(a)) = (client_upgrade.await, app_upgrade.await) {
+                            let _ = tokio::io::copy_bidirectional(
+                                &mut TokioIo::new(c),
+                                &mut TokioIo::new(a),
+                            )
+                            .await;
+                        }
+                    });
+                    let (parts, body) = resp.into_parts();
+                    Response::from_parts(parts, h::incoming(body))
+                } else {
+                    let (mut parts, body) = resp.into_parts();
+                    h::strip_hop_by_hop(&mut parts.headers);
+                    parts.version = client_version;
+                    Response::from_parts(parts, h::incoming(body))
+                }
+            }
+            Err(e) => {
+                ctx.metrics.refused(INBOUND, "app_unreachable");
+                error_response(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("application on port {port}: {e}"),
+                )
+            }
+        }
+    };
+    let classification = classify(
+        resp.status().as_u16(),
+        resp.headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok()),
+    );
+    ctx.metrics
+        .responses
+        .get_or_create(&ResponseLabels {
+            direction: INBOUND,
+            authority: authority_label.clone(),
+            peer_identity: peer_label,
+            tls,
+            status_code: resp.status().as_u16(),
+            classification,
+        })
+        .inc();
+    ctx.metrics
+        .latency
+        .get_or_create(&LatencyLabels {
+            direction: INBOUND,
+            authority: authority_label,
+            classification,
+        })
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+fn describe(peer: &Peer) -> String {
+    match peer {
+        Peer::Mesh(id) => id.to_string(),
+        Peer::Unauthenticated => "an unauthenticated client".into(),
+    }
+}

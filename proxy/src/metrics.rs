@@ -1,0 +1,254 @@
+//! The proxy's metrics: the dashboard contract. Every name and label is documented in
+//! `docs/metrics.md`; keep the two in step.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+pub const INBOUND: &str = "inbound";
+pub const OUTBOUND: &str = "outbound";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub direction: &'static str,
+    pub authority: String,
+    pub peer_identity: String,
+    pub tls: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResponseLabels {
+    pub direction: &'static str,
+    pub authority: String,
+    pub peer_identity: String,
+    pub tls: &'static str,
+    pub status_code: u16,
+    pub classification: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LatencyLabels {
+    pub direction: &'static str,
+    pub authority: String,
+    pub classification: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub direction: &'static str,
+    pub peer_identity: String,
+    pub tls: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub direction: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DetectLabels {
+    pub direction: &'static str,
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    pub port: u16,
+    pub decision: &'static str,
+}
+
+/// Caps the number of distinct authorities used as label values; the rest become `other`.
+#[derive(Debug)]
+pub struct AuthorityCap {
+    seen: Mutex<HashSet<String>>,
+    max: usize,
+}
+
+impl AuthorityCap {
+    pub fn new(max: usize) -> Self {
+        AuthorityCap {
+            seen: Mutex::new(HashSet::new()),
+            max,
+        }
+    }
+
+    pub fn label(&self, authority: &str) -> String {
+        let Ok(mut seen) = self.seen.lock() else {
+            return "other".into();
+        };
+        if seen.contains(authority) {
+            return authority.to_string();
+        }
+        if seen.len() < self.max {
+            seen.insert(authority.to_string());
+            return authority.to_string();
+        }
+        "other".into()
+    }
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub responses: Family<ResponseLabels, Counter>,
+    pub latency: Family<LatencyLabels, Histogram>,
+    pub tcp_open: Family<TcpLabels, Counter>,
+    pub tcp_close: Family<TcpLabels, Counter>,
+    pub tcp_active: Family<TcpLabels, Gauge>,
+    pub tcp_read_bytes: Family<TcpLabels, Counter>,
+    pub tcp_write_bytes: Family<TcpLabels, Counter>,
+    pub tls_handshakes: Family<ReasonLabels, Counter>,
+    pub tls_failures: Family<ReasonLabels, Counter>,
+    pub detections: Family<DetectLabels, Counter>,
+    pub detect_seconds: Family<DetectLabels, Histogram>,
+    pub authz: Family<AuthzLabels, Counter>,
+    pub refused: Family<ReasonLabels, Counter>,
+    pub authorities: AuthorityCap,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.1 ms .. ~26 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 19))
+}
+
+fn detect_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.00001, 4.0, 12))
+}
+
+impl Metrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Metrics {
+            requests: Family::default(),
+            responses: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            tcp_open: Family::default(),
+            tcp_close: Family::default(),
+            tcp_active: Family::default(),
+            tcp_read_bytes: Family::default(),
+            tcp_write_bytes: Family::default(),
+            tls_handshakes: Family::default(),
+            tls_failures: Family::default(),
+            detections: Family::default(),
+            detect_seconds: Family::new_with_constructor(detect_histogram),
+            authz: Family::default(),
+            refused: Family::default(),
+            authorities: AuthorityCap::new(200),
+        };
+        let r = registry;
+        r.register(
+            "musubi_proxy_requests",
+            "HTTP requests received",
+            m.requests.clone(),
+        );
+        r.register(
+            "musubi_proxy_responses",
+            "HTTP responses sent, by status code and classification",
+            m.responses.clone(),
+        );
+        r.register(
+            "musubi_proxy_response_latency_seconds",
+            "Time from receiving a request to receiving its response headers",
+            m.latency.clone(),
+        );
+        r.register(
+            "musubi_proxy_tcp_open",
+            "TCP connections opened",
+            m.tcp_open.clone(),
+        );
+        r.register(
+            "musubi_proxy_tcp_close",
+            "TCP connections closed",
+            m.tcp_close.clone(),
+        );
+        r.register(
+            "musubi_proxy_tcp_active",
+            "TCP connections open now",
+            m.tcp_active.clone(),
+        );
+        r.register(
+            "musubi_proxy_tcp_read_bytes",
+            "Bytes read from the peer of a proxied TCP connection",
+            m.tcp_read_bytes.clone(),
+        );
+        r.register(
+            "musubi_proxy_tcp_write_bytes",
+            "Bytes written to the peer of a proxied TCP connection",
+            m.tcp_write_bytes.clone(),
+        );
+        r.register(
+            "musubi_proxy_tls_handshakes",
+            "Completed mesh TLS handshakes",
+            m.tls_handshakes.clone(),
+        );
+        r.register(
+            "musubi_proxy_tls_handshake_failures",
+            "Failed mesh TLS handshakes, by reason",
+            m.tls_failures.clone(),
+        );
+        r.register(
+            "musubi_proxy_protocol_detections",
+            "Protocol detection outcomes",
+            m.detections.clone(),
+        );
+        r.register(
+            "musubi_proxy_protocol_detection_seconds",
+            "Time protocol detection took",
+            m.detect_seconds.clone(),
+        );
+        r.register(
+            "musubi_proxy_authz",
+            "Inbound authorization decisions",
+            m.authz.clone(),
+        );
+        r.register(
+            "musubi_proxy_refused",
+            "Connections or requests refused by the proxy, by reason",
+            m.refused.clone(),
+        );
+        m
+    }
+
+    pub fn refused(&self, direction: &'static str, reason: &'static str) {
+        self.refused
+            .get_or_create(&ReasonLabels { direction, reason })
+            .inc();
+    }
+}
+
+/// `success` for anything but a 5xx or a gRPC error status.
+pub fn classify(status: u16, grpc_status: Option<&str>) -> &'static str {
+    match grpc_status {
+        Some(s) if s != "0" => "failure",
+        _ if status >= 500 => "failure",
+        _ => "success",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification_table() {
+        assert_eq!(classify(200, None), "success");
+        assert_eq!(classify(404, None), "success");
+        assert_eq!(classify(503, None), "failure");
+        assert_eq!(classify(200, Some("0")), "success");
+        assert_eq!(classify(200, Some("14")), "failure");
+    }
+
+    #[test]
+    fn authorities_are_capped() {
+        let cap = AuthorityCap::new(2);
+        assert_eq!(cap.label("a:80"), "a:80");
+        assert_eq!(cap.label("b:80"), "b:80");
+        assert_eq!(cap.label("c:80"), "other");
+        assert_eq!(cap.label("a:80"), "a:80");
+    }
+}

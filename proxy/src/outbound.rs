@@ -1,0 +1,403 @@
+//! Outbound: what the local application sends. In explicit mode the application uses the
+//! outbound listener as an HTTP proxy (absolute-form requests, `Host`, or `CONNECT` for
+//! opaque TCP); in transparent mode iptables redirects its connections here and the original
+//! destination decides. Meshed destinations are reached over mTLS; others are passed through.
+
+use crate::control::Resolution;
+use crate::ctx::{Ctx, pick};
+use crate::destination::{Destination, Endpoint};
+use crate::http::{self as h, Body, error_response};
+use crate::metrics::{LatencyLabels, OUTBOUND, RequestLabels, ResponseLabels, TcpLabels, classify};
+use crate::transport::{Header, Protocol};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::net::{TcpListener, TcpStream};
+
+/// Accepts until draining starts.
+pub async fn serve(ctx: Arc<Ctx>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = ctx.drain.signaled() => return,
+        };
+        let (tcp, client) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "outbound accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let ctx = ctx.clone();
+        let guard = ctx.drain.guard();
+        tokio::spawn(async move {
+            serve_http(ctx, tcp, client).await;
+            drop(guard);
+        });
+    }
+}
+
+/// Serves the application's HTTP connection (HTTP/1.1 or HTTP/2), request by request.
+pub async fn serve_http(ctx: Arc<Ctx>, tcp: TcpStream, client: SocketAddr) {
+    let svc_ctx = ctx.clone();
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let ctx = svc_ctx.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(ctx, req).await) }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = ctx.drain.signaled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%client, error = %e, "outbound connection ended with an error");
+    }
+}
+
+async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
+    if req.method() == Method::CONNECT {
+        return connect_tunnel(ctx, req).await;
+    }
+    let Some(authority) = h::authority(&req).map(|a| h::with_port(&a, 80)) else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "request names no authority (Host header or absolute URI)",
+        );
+    };
+    let resolution = match ctx.resolver.resolve(&authority).await {
+        Ok(r) => r,
+        Err(e) => return error_response(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    };
+    match resolution {
+        Resolution::Unknown => passthrough(ctx, req, authority).await,
+        Resolution::Meshed(dest) => {
+            let Some(ep) = pick(&dest) else {
+                ctx.metrics.refused(OUTBOUND, "no_endpoints");
+                return error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("{authority} has no ready endpoints"),
+                );
+            };
+            let ep = ep.clone();
+            if h::is_upgrade(&req) {
+                upgrade(ctx, req, &dest, &ep, authority).await
+            } else {
+                forward(ctx, req, &ep, authority).await
+            }
+        }
+    }
+}
+
+fn record(
+    ctx: &Ctx,
+    authority: &str,
+    ep_id: &str,
+    tls: bool,
+    started: Instant,
+    resp: &Response<Body>,
+) {
+    let authority = ctx.metrics.authorities.label(authority);
+    let tls = if tls { "true" } else { "false" };
+    let classification = classify(
+        resp.status().as_u16(),
+        resp.headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok()),
+    );
+    ctx.metrics
+        .responses
+        .get_or_create(&ResponseLabels {
+            direction: OUTBOUND,
+            authority: authority.clone(),
+            peer_identity: ep_id.to_string(),
+            tls,
+            status_code: resp.status().as_u16(),
+            classification,
+        })
+        .inc();
+    ctx.metrics
+        .latency
+        .get_or_create(&LatencyLabels {
+            direction: OUTBOUND,
+            authority,
+            classification,
+        })
+        .observe(started.elapsed().as_secs_f64());
+}
+
+fn count_request(ctx: &Ctx, authority: &str, ep_id: &str, tls: bool) {
+    ctx.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            direction: OUTBOUND,
+            authority: ctx.metrics.authorities.label(authority),
+            peer_identity: ep_id.to_string(),
+            tls: if tls { "true" } else { "false" },
+        })
+        .inc();
+}
+
+/// Sends a request over the pooled HTTP/2 mTLS connection to the endpoint's proxy.
+async fn forward(
+    ctx: Arc<Ctx>,
+    req: Request<Incoming>,
+    ep: &Endpoint,
+    authority: String,
+) -> Response<Body> {
+    let started = Instant::now();
+    let ep_id = ep
+        .identity
+        .as_ref()
+        .map(|i| i.to_string())
+        .unwrap_or_default();
+    count_request(&ctx, &authority, &ep_id, true);
+    let (mut parts, body) = req.into_parts();
+    let app_version = parts.version;
+    if app_version != Version::HTTP_2
+        && let Ok(v) = h::version_name(app_version).parse()
+    {
+        parts.headers.insert(h::ORIG_PROTO, v);
+    }
+    parts.headers.remove(h::CLIENT_ID);
+    h::strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(http::header::HOST);
+    parts.version = Version::HTTP_2;
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    parts.uri = match Uri::builder()
+        .scheme("http")
+        .authority(authority.as_str())
+        .path_and_query(path)
+        .build()
+    {
+        Ok(u) => u,
+        Err(e) => {
+            return error_response(StatusCode::BAD_REQUEST, &format!("bad request target: {e}"));
+        }
+    };
+    let req = Request::from_parts(parts, h::incoming(body));
+    let resp = match ctx.pool.sender(ep, &authority).await {
+        Err(e) => {
+            ctx.metrics.refused(OUTBOUND, e.label());
+            tracing::warn!(%authority, endpoint = %ep.connect, error = %e, "cannot reach endpoint");
+            error_response(StatusCode::BAD_GATEWAY, &e.to_string())
+        }
+        Ok(mut sender) => match sender.send_request(req).await {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                h::strip_hop_by_hop(&mut parts.headers);
+                parts.version = app_version;
+                Response::from_parts(parts, h::incoming(body))
+            }
+            Err(e) => error_response(StatusCode::BAD_GATEWAY, &format!("peer proxy: {e}")),
+        },
+    };
+    record(&ctx, &authority, &ep_id, true, started, &resp);
+    resp
+}
+
+/// HTTP/1.1 `Upgrade` (websockets): a dedicated mTLS connection carrying HTTP/1.1, upgraded
+/// on both sides once the far application agrees.
+async fn upgrade(
+    ctx: Arc<Ctx>,
+    mut req: Request<Incoming>,
+    _dest: &Destination,
+    ep: &Endpoint,
+    authority: String,
+) -> Response<Body> {
+    let started = Instant::now();
+    let ep_id = ep
+        .identity
+        .as_ref()
+        .map(|i| i.to_string())
+        .unwrap_or_default();
+    count_request(&ctx, &authority, &ep_id, true);
+    let header = Header {
+        port: ep.app_port,
+        protocol: Protocol::Http1,
+        authority: Some(authority.clone()),
+    };
+    let tls = match ctx.connector.connect(ep, &header).await {
+        Ok(t) => t,
+        Err(e) => return error_response(StatusCode::BAD_GATEWAY, &e.to_string()),
+    };
+    let (mut sender, conn) =
+        match hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(tls)).await {
+            Ok(x) => x,
+            Err(e) => return error_response(StatusCode::BAD_GATEWAY, &format!("peer proxy: {e}")),
+        };
+    tokio::spawn(conn.with_upgrades());
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let (mut parts, body) = req.into_parts();
+    parts.headers.remove(h::CLIENT_ID);
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    parts.uri = path.parse().unwrap_or_default();
+    if !parts.headers.contains_key(http::header::HOST)
+        && let Ok(v) = authority.parse()
+    {
+        parts.headers.insert(http::header::HOST, v);
+    }
+    let mut resp = match sender
+        .send_request(Request::from_parts(parts, h::incoming(body)))
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return error_response(StatusCode::BAD_GATEWAY, &format!("peer proxy: {e}")),
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let server_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            if let (Ok(c), Ok(s)) = (client_upgrade.await, server_upgrade.await) {
+                let _ =
+                    tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(s)).await;
+            }
+        });
+    }
+    let (parts, body) = resp.into_parts();
+    let resp = Response::from_parts(parts, h::incoming(body));
+    record(&ctx, &authority, &ep_id, true, started, &resp);
+    resp
+}
+
+/// A destination outside the mesh: plain HTTP/1.1 to it, as the application asked.
+async fn passthrough(ctx: Arc<Ctx>, req: Request<Incoming>, authority: String) -> Response<Body> {
+    let started = Instant::now();
+    count_request(&ctx, &authority, "", false);
+    if h::is_upgrade(&req) {
+        return error_response(
+            StatusCode::NOT_IMPLEMENTED,
+            "upgrades to destinations outside the mesh are not supported yet",
+        );
+    }
+    let (mut parts, body) = req.into_parts();
+    h::strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(h::CLIENT_ID);
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    parts.uri = match format!("http://{authority}{path}").parse() {
+        Ok(u) => u,
+        Err(e) => {
+            return error_response(StatusCode::BAD_REQUEST, &format!("bad request target: {e}"));
+        }
+    };
+    let app_version = parts.version;
+    parts.version = Version::HTTP_11;
+    let resp = match ctx
+        .http1
+        .request(Request::from_parts(parts, h::incoming(body)))
+        .await
+    {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            h::strip_hop_by_hop(&mut parts.headers);
+            parts.version = app_version;
+            Response::from_parts(parts, h::incoming(body))
+        }
+        Err(e) => error_response(StatusCode::BAD_GATEWAY, &format!("{authority}: {e}")),
+    };
+    record(&ctx, &authority, "", false, started, &resp);
+    resp
+}
+
+/// `CONNECT host:port`: an opaque TCP tunnel, over mTLS when the destination is meshed.
+async fn connect_tunnel(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
+    let Some(target) = req.uri().authority().map(|a| a.to_string()) else {
+        return error_response(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
+    };
+    let resolution = match ctx.resolver.resolve(&target).await {
+        Ok(r) => r,
+        Err(e) => return error_response(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    match resolution {
+        Resolution::Meshed(dest) => {
+            let Some(ep) = pick(&dest).cloned() else {
+                return error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("{target} has no ready endpoints"),
+                );
+            };
+            let header = Header {
+                port: ep.app_port,
+                protocol: Protocol::Opaque,
+                authority: Some(target.clone()),
+            };
+            let upstream = match ctx.connector.connect(&ep, &header).await {
+                Ok(s) => s,
+                Err(e) => return error_response(StatusCode::BAD_GATEWAY, &e.to_string()),
+            };
+            let id = ep
+                .identity
+                .as_ref()
+                .map(|i| i.to_string())
+                .unwrap_or_default();
+            tokio::spawn(tunnel(ctx, on_upgrade, upstream, id, true));
+        }
+        Resolution::Unknown => {
+            let upstream = match TcpStream::connect(&target).await {
+                Ok(s) => s,
+                Err(e) => {
+                    return error_response(StatusCode::BAD_GATEWAY, &format!("{target}: {e}"));
+                }
+            };
+            tokio::spawn(tunnel(ctx, on_upgrade, upstream, String::new(), false));
+        }
+    }
+    Response::new(h::full(""))
+}
+
+async fn tunnel<S>(
+    ctx: Arc<Ctx>,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    mut upstream: S,
+    peer: String,
+    tls: bool,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let Ok(client) = on_upgrade.await else { return };
+    let labels = TcpLabels {
+        direction: OUTBOUND,
+        peer_identity: peer,
+        tls: if tls { "true" } else { "false" },
+    };
+    copy_counted(&ctx, labels, &mut TokioIo::new(client), &mut upstream).await;
+}
+
+/// Copies both ways, keeping the TCP metrics.
+pub async fn copy_counted<A, B>(ctx: &Ctx, labels: TcpLabels, a: &mut A, b: &mut B)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let m = &ctx.metrics;
+    m.tcp_open.get_or_create(&labels).inc();
+    m.tcp_active.get_or_create(&labels).inc();
+    let result = tokio::io::copy_bidirectional(a, b).await;
+    if let Ok((from_a, from_b)) = result {
+        m.tcp_read_bytes.get_or_create(&labels).inc_by(from_a);
+        m.tcp_write_bytes.get_or_create(&labels).inc_by(from_b);
+    }
+    m.tcp_active.get_or_create(&labels).dec();
+    m.tcp_close.get_or_create(&labels).inc();
+}

@@ -1,0 +1,135 @@
+//! Small real applications for the mesh tests: an HTTP server that describes what it received,
+//! and a TCP echo server. They run on 127.0.0.1 and stop when dropped.
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub struct App {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl App {
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+/// Answers every request with a line describing it:
+/// `version=HTTP/1.1 client-id=<musubi-client-id or -> host=<Host or :authority> path=<path> body=<body>`.
+/// `/slow` waits 300 ms first. An `Upgrade` request is accepted with 101 and the connection
+/// then echoes bytes back.
+async fn describe(mut req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.headers().contains_key(http::header::UPGRADE) {
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on_upgrade.await {
+                let mut io = TokioIo::new(up);
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let resp = Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "upgrade")
+            .header("upgrade", "echo")
+            .body(Full::new(Bytes::new()))
+            .unwrap_or_default();
+        return Ok(resp);
+    }
+    if req.uri().path() == "/slow" {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let header = |n: &str| {
+        req.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_string()
+    };
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| header("host"));
+    let line = format!(
+        "version={:?} client-id={} host={} path={}",
+        req.version(),
+        header("musubi-client-id"),
+        host,
+        req.uri().path()
+    );
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    Ok(Response::new(Full::new(Bytes::from(format!(
+        "{line} body={}",
+        String::from_utf8_lossy(&body)
+    )))))
+}
+
+/// An HTTP server speaking HTTP/1.1 and HTTP/2 (prior knowledge) on one port.
+pub async fn http() -> App {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = builder
+                    .serve_connection_with_upgrades(
+                        TokioIo::new(tcp),
+                        hyper::service::service_fn(describe),
+                    )
+                    .await;
+            });
+        }
+    });
+    App { addr, task }
+}
+
+/// Echoes every byte back, prefixed once with `echo:`.
+pub async fn tcp_echo() -> App {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                if tcp.write_all(b"echo:").await.is_err() {
+                    return;
+                }
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    App { addr, task }
+}

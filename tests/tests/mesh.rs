@@ -1,0 +1,478 @@
+//! The mesh end to end: applications talking through a pair of real proxies over mTLS with
+//! certificates from a real identity service.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: fail loudly
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use musubi_proxy::policy::{InboundPolicy, MtlsMode, PortPolicy, Rule};
+use musubi_tests::mesh::{Proxy, Setup, destination, destination_as, proxy};
+use musubi_tests::{Identity, apps, metric_value};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn http1(outbound: SocketAddr, uri: &str, headers: &[(&str, &str)]) -> (StatusCode, String) {
+    let tcp = TcpStream::connect(outbound).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::get(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = send
+        .send_request(req.body(Full::<Bytes>::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+async fn http2(outbound: SocketAddr, uri: &str) -> (StatusCode, String) {
+    let tcp = TcpStream::connect(outbound).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let resp = send
+        .send_request(
+            Request::get(uri)
+                .body(Full::<Bytes>::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+struct Mesh {
+    identity: Identity,
+    app: apps::App,
+    server: Proxy,
+    client: Proxy,
+}
+
+/// web (client proxy) → api (server proxy) → HTTP app, with `api.shop:80` resolving to the server.
+async fn mesh(policy: Option<InboundPolicy>) -> Mesh {
+    let identity = Identity::start().await;
+    let app = apps::http().await;
+    let server = proxy(
+        &identity,
+        "shop",
+        "api",
+        Setup {
+            app_ports: vec![app.port()],
+            policy,
+            ..Setup::default()
+        },
+    )
+    .await;
+    let client = proxy(
+        &identity,
+        "shop",
+        "web",
+        Setup {
+            destinations: HashMap::from([(
+                "api.shop:80".to_string(),
+                destination("api.shop:80", &server, app.port()),
+            )]),
+            ..Setup::default()
+        },
+    )
+    .await;
+    Mesh {
+        identity,
+        app,
+        server,
+        client,
+    }
+}
+
+#[tokio::test]
+async fn http1_crosses_the_mesh_as_http1_with_the_client_identity() {
+    let m = mesh(None).await;
+    let (status, body) = http1(
+        m.client.running.outbound,
+        "http://api.shop:80/hello",
+        &[(
+            "musubi-client-id",
+            "spiffe://cluster.local/ns/shop/sa/forged",
+        )],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.starts_with("version=HTTP/1.1 "), "{body}");
+    assert!(
+        body.contains("client-id=spiffe://cluster.local/ns/shop/sa/web "),
+        "forged header must be replaced: {body}"
+    );
+    assert!(body.contains("host=api.shop:80"), "{body}");
+    assert!(body.contains("path=/hello"), "{body}");
+
+    // Origin-form with a Host header works too.
+    let (status, body) = http1(
+        m.client.running.outbound,
+        "/by-host",
+        &[("host", "api.shop")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("path=/by-host"), "{body}");
+
+    // Metrics moved on both sides.
+    let client_metrics = m.client.metrics().await;
+    assert!(
+        metric_value(
+            &client_metrics,
+            "musubi_proxy_responses_total",
+            "direction=\"outbound\""
+        )
+        .unwrap()
+            >= 1.0,
+        "{client_metrics}"
+    );
+    let server_metrics = m.server.metrics().await;
+    assert!(
+        metric_value(
+            &server_metrics,
+            "musubi_proxy_requests_total",
+            "peer_identity=\"spiffe://cluster.local/ns/shop/sa/web\""
+        )
+        .unwrap()
+            >= 1.0,
+        "{server_metrics}"
+    );
+    assert!(
+        metric_value(
+            &server_metrics,
+            "musubi_proxy_response_latency_seconds_count",
+            "direction=\"inbound\""
+        )
+        .unwrap()
+            >= 1.0
+    );
+    assert!(
+        metric_value(
+            &server_metrics,
+            "musubi_proxy_certificate_expiry_seconds",
+            ""
+        )
+        .unwrap()
+            > 0.0
+    );
+}
+
+#[tokio::test]
+async fn http2_crosses_the_mesh_as_http2() {
+    let m = mesh(None).await;
+    let (status, body) = http2(m.client.running.outbound, "http://api.shop:80/h2").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.starts_with("version=HTTP/2.0 "), "{body}");
+    assert!(
+        body.contains("client-id=spiffe://cluster.local/ns/shop/sa/web "),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn upgrade_and_opaque_tunnels_carry_bytes_both_ways() {
+    let m = mesh(None).await;
+    // HTTP/1.1 Upgrade (as websockets do): 101, then raw bytes echoed by the server app.
+    let mut tcp = TcpStream::connect(m.client.running.outbound).await.unwrap();
+    tcp.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: api.shop:80\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        tcp.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(
+        String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    tcp.write_all(b"ping over the upgraded connection")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 33];
+    tcp.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping over the upgraded connection");
+
+    // CONNECT: opaque TCP over mTLS to a TCP echo app behind the same server proxy.
+    let echo = apps::tcp_echo().await;
+    let server = proxy(
+        &m.identity,
+        "shop",
+        "db",
+        Setup {
+            app_ports: vec![echo.port()],
+            ..Setup::default()
+        },
+    )
+    .await;
+    let client = proxy(
+        &m.identity,
+        "shop",
+        "web",
+        Setup {
+            destinations: HashMap::from([(
+                "db.shop:5432".to_string(),
+                destination("db.shop:5432", &server, echo.port()),
+            )]),
+            ..Setup::default()
+        },
+    )
+    .await;
+    let mut tcp = TcpStream::connect(client.running.outbound).await.unwrap();
+    tcp.write_all(b"CONNECT db.shop:5432 HTTP/1.1\r\nHost: db.shop:5432\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        tcp.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 200"));
+    tcp.write_all(b"opaque bytes").await.unwrap();
+    let mut buf = [0u8; 17];
+    tcp.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"echo:opaque bytes");
+    drop(tcp);
+    let metrics = server.metrics().await;
+    assert!(
+        metric_value(
+            &metrics,
+            "musubi_proxy_tcp_open_total",
+            "direction=\"inbound\""
+        )
+        .unwrap()
+            >= 1.0,
+        "{metrics}"
+    );
+}
+
+/// The bytes between proxies are mTLS: the inbound port refuses plaintext and TLS without a
+/// client certificate (STRICT), and counts it.
+#[tokio::test]
+async fn strict_inbound_refuses_plaintext_and_certificateless_tls() {
+    let m = mesh(None).await;
+    let inbound = m.server.running.inbound;
+    let mut plain = TcpStream::connect(inbound).await.unwrap();
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nHost: api\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = plain.read_to_end(&mut out).await;
+    assert!(
+        out.is_empty(),
+        "plaintext got an answer: {}",
+        String::from_utf8_lossy(&out)
+    );
+
+    // TLS with the mesh ALPN but no client certificate.
+    let cfg = musubi_identity::tls::client_config(
+        None,
+        &m.identity.ca.bundle,
+        musubi_identity::tls::ServerIdentity::Exactly(m.server.id.clone()),
+        &[musubi_proxy::pool::ALPN],
+    )
+    .unwrap();
+    let tcp = TcpStream::connect(inbound).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(musubi_identity::tls::mesh_server_name(), tcp)
+        .await
+        .unwrap();
+    let _ = tls.write_all(b"hello").await;
+    let mut out = Vec::new();
+    assert!(tls.read_to_end(&mut out).await.is_err() || out.is_empty());
+
+    let metrics = m.server.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "musubi_proxy_refused_total",
+            "reason=\"plaintext_in_strict\""
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "musubi_proxy_tls_handshake_failures_total",
+            "reason=\"no_client_certificate\""
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn permissive_port_accepts_plaintext_without_an_identity() {
+    let policy = InboundPolicy {
+        default: PortPolicy {
+            mtls: MtlsMode::Permissive,
+            allow: None,
+        },
+        ..InboundPolicy::default()
+    };
+    let m = mesh(Some(policy)).await;
+    let (status, body) = http1(
+        m.server.running.inbound,
+        "/plain",
+        &[
+            ("host", "api"),
+            ("musubi-client-id", "spiffe://cluster.local/ns/x/sa/forged"),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        body.contains("client-id=- "),
+        "plaintext must not carry an identity: {body}"
+    );
+}
+
+#[tokio::test]
+async fn authorization_denies_with_403() {
+    let m0 = mesh(None).await;
+    let mut policy = InboundPolicy::default();
+    policy.ports.insert(
+        m0.app.port(),
+        PortPolicy {
+            mtls: MtlsMode::Strict,
+            allow: Some(vec![Rule::Identity(
+                "spiffe://cluster.local/ns/shop/sa/admin".into(),
+            )]),
+        },
+    );
+    let server = proxy(
+        &m0.identity,
+        "shop",
+        "api",
+        Setup {
+            app_ports: vec![m0.app.port()],
+            policy: Some(policy),
+            ..Setup::default()
+        },
+    )
+    .await;
+    let client = proxy(
+        &m0.identity,
+        "shop",
+        "web",
+        Setup {
+            destinations: HashMap::from([(
+                "api.shop:80".to_string(),
+                destination("api.shop:80", &server, m0.app.port()),
+            )]),
+            ..Setup::default()
+        },
+    )
+    .await;
+    let (status, body) = http1(client.running.outbound, "http://api.shop:80/secret", &[]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(
+        body.contains("spiffe://cluster.local/ns/shop/sa/web may not call"),
+        "{body}"
+    );
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "musubi_proxy_authz_total",
+            "decision=\"deny_unauthorized\""
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn client_refuses_an_endpoint_with_the_wrong_identity() {
+    let m = mesh(None).await;
+    let impostor_claim = m.identity.id("shop", "payments");
+    let client = proxy(
+        &m.identity,
+        "shop",
+        "web",
+        Setup {
+            destinations: HashMap::from([(
+                "payments.shop:80".to_string(),
+                destination_as("payments.shop:80", &m.server, m.app.port(), impostor_claim),
+            )]),
+            ..Setup::default()
+        },
+    )
+    .await;
+    let (status, body) = http1(client.running.outbound, "http://payments.shop:80/", &[]).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(
+        body.contains("expected spiffe://cluster.local/ns/shop/sa/payments"),
+        "{body}"
+    );
+    let metrics = client.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "musubi_proxy_tls_handshake_failures_total",
+            "reason=\"wrong_identity\""
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn drain_lets_an_in_flight_request_finish() {
+    let m = mesh(None).await;
+    let outbound = m.client.running.outbound;
+    let in_flight =
+        tokio::spawn(async move { http1(outbound, "http://api.shop:80/slow", &[]).await });
+    // Wait until the server proxy is carrying the request, then start draining both proxies.
+    musubi_tests::eventually(
+        "request in flight at the server proxy",
+        std::time::Duration::from_secs(10),
+        || {
+            let s = &m.server;
+            async move {
+                let metrics = s.metrics().await;
+                metric_value(
+                    &metrics,
+                    "musubi_proxy_requests_total",
+                    "direction=\"inbound\"",
+                )
+                .filter(|v| *v >= 1.0)
+            }
+        },
+    )
+    .await;
+    let client_drain = m.client.running.drain.clone();
+    let server_drain = m.server.running.drain.clone();
+    client_drain.start();
+    server_drain.start();
+    let (status, body) = in_flight.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("path=/slow"));
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        m.server.running.stopped(),
+    )
+    .await
+    .expect("server proxy stops");
+}
