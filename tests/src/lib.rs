@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support: fail loudly
 
 pub mod apps;
+pub mod grpc;
 pub mod envoy;
 pub mod mesh;
 
