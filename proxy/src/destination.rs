@@ -24,6 +24,16 @@ pub struct Endpoint {
     #[serde(serialize_with = "ser_id")]
     pub identity: Option<SpiffeId>,
     pub weight: u32,
+    pub transport: Transport,
+}
+
+/// How to talk to an endpoint's proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum Transport {
+    /// Another Musubi proxy: ALPN `musubi.transport/1` and the transport header.
+    Musubi,
+    /// Any mTLS peer speaking HTTP/2 (ALPN `h2`), such as an Envoy sidecar.
+    H2Mtls,
 }
 
 fn ser_id<S: serde::Serializer>(id: &Option<SpiffeId>, s: S) -> Result<S::Ok, S::Error> {
@@ -105,6 +115,12 @@ pub fn from_update(u: &pb::ServiceUpdate) -> Result<Option<Destination>, Destina
                 app_port,
                 identity,
                 weight: e.weight.max(1),
+                transport: match pb::Transport::try_from(e.transport)
+                    .unwrap_or(pb::Transport::Musubi)
+                {
+                    pb::Transport::Musubi => Transport::Musubi,
+                    pb::Transport::H2Mtls => Transport::H2Mtls,
+                },
             });
         }
     }
@@ -129,6 +145,7 @@ mod tests {
             ready,
             proxy_port,
             labels: Default::default(),
+            transport: 0,
         }
     }
 

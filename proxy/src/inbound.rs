@@ -10,8 +10,8 @@ use crate::metrics::{
     classify,
 };
 use crate::outbound::copy_counted;
-use crate::policy::{Decision, Peer, authorize};
-use crate::pool::ALPN;
+use crate::policy::{Decision, MtlsMode, Peer, authorize};
+use crate::pool::{ALPN, ALPN_H2};
 use crate::transport::{Header, Protocol};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
@@ -56,6 +56,9 @@ pub async fn serve(ctx: Arc<Ctx>, listener: TcpListener, tls: Arc<ServerConfig>)
 enum Hello {
     /// A TLS ClientHello offering Musubi's ALPN.
     Mesh,
+    /// TLS offering `h2` but not Musubi's ALPN: another mTLS sidecar (Envoy) on a STRICT port,
+    /// or the application's own TLS.
+    H2,
     /// TLS, but not ours (the application's own TLS).
     OtherTls,
     Plaintext,
@@ -83,11 +86,18 @@ async fn classify_hello(tcp: &TcpStream, timeout: Duration) -> std::io::Result<H
         }
         match acceptor.accept() {
             Ok(Some(accepted)) => {
-                let mesh = accepted
+                let alpn: Vec<Vec<u8>> = accepted
                     .client_hello()
                     .alpn()
-                    .is_some_and(|mut a| a.any(|p| p == ALPN));
-                return Ok(if mesh { Hello::Mesh } else { Hello::OtherTls });
+                    .map(|a| a.map(<[u8]>::to_vec).collect())
+                    .unwrap_or_default();
+                return Ok(if alpn.iter().any(|p| p == ALPN) {
+                    Hello::Mesh
+                } else if alpn.iter().any(|p| p == ALPN_H2) {
+                    Hello::H2
+                } else {
+                    Hello::OtherTls
+                });
             }
             Ok(None) if n < PEEK_LIMIT => {
                 // Partial hello: wait for more bytes to arrive.
@@ -112,43 +122,52 @@ async fn connection(ctx: Arc<Ctx>, tcp: TcpStream, client: SocketAddr, tls: Arc<
         Ok(h) => h,
         Err(_) => return,
     };
-    match hello {
-        Hello::Mesh => mesh(ctx, tcp, client, tls).await,
-        Hello::OtherTls | Hello::Plaintext => {
-            let Some(port) = plain_target_port(&ctx, &tcp) else {
-                ctx.metrics.refused(INBOUND, "no_target_port");
-                return;
-            };
-            let decision = authorize(
-                &ctx.policy.borrow(),
-                port,
-                &Peer::Unauthenticated,
-                &ctx.config.trust_domain,
-            );
-            count_authz(&ctx, port, decision);
-            if decision != Decision::Allow {
-                let reason = if hello == Hello::OtherTls {
-                    "non_mesh_tls_in_strict"
-                } else {
-                    "plaintext_in_strict"
-                };
-                ctx.metrics.refused(
-                    INBOUND,
-                    if decision == Decision::DenyPlaintext {
-                        reason
-                    } else {
-                        "unauthorized"
-                    },
-                );
-                tracing::info!(%client, port, reason, "refused a connection without mesh mTLS");
-                return;
-            }
-            if hello == Hello::OtherTls {
-                opaque_to_app(&ctx, tcp, port, String::new(), false).await;
+    if hello == Hello::Mesh {
+        return mesh(ctx, tcp, client, tls, None).await;
+    }
+    let Some(port) = plain_target_port(&ctx, &tcp) else {
+        ctx.metrics.refused(INBOUND, "no_target_port");
+        return;
+    };
+    // HTTP/2 over mTLS from a peer that is not a Musubi proxy (an Envoy sidecar): on a STRICT
+    // port nothing but mesh mTLS is accepted anyway, so terminate it as mesh traffic.
+    let strict = ctx.policy.borrow().port(port).mtls == MtlsMode::Strict;
+    if hello == Hello::H2 && strict {
+        let header = Header {
+            port,
+            protocol: Protocol::Http2,
+            authority: None,
+        };
+        return mesh(ctx, tcp, client, tls, Some(header)).await;
+    }
+    let decision = authorize(
+        &ctx.policy.borrow(),
+        port,
+        &Peer::Unauthenticated,
+        &ctx.config.trust_domain,
+    );
+    count_authz(&ctx, port, decision);
+    if decision != Decision::Allow {
+        let reason = if hello == Hello::Plaintext {
+            "plaintext_in_strict"
+        } else {
+            "non_mesh_tls_in_strict"
+        };
+        ctx.metrics.refused(
+            INBOUND,
+            if decision == Decision::DenyPlaintext {
+                reason
             } else {
-                plaintext(ctx, tcp, port).await;
-            }
-        }
+                "unauthorized"
+            },
+        );
+        tracing::info!(%client, port, reason, "refused a connection without mesh mTLS");
+        return;
+    }
+    if hello == Hello::Plaintext {
+        plaintext(ctx, tcp, port).await;
+    } else {
+        opaque_to_app(&ctx, tcp, port, String::new(), false).await;
     }
 }
 
@@ -162,7 +181,15 @@ fn count_authz(ctx: &Ctx, port: u16, decision: Decision) {
         .inc();
 }
 
-async fn mesh(ctx: Arc<Ctx>, tcp: TcpStream, client: SocketAddr, tls: Arc<ServerConfig>) {
+/// Terminates mesh mTLS; reads the transport header unless the peer is a plain HTTP/2 one
+/// (`known` gives the header then).
+async fn mesh(
+    ctx: Arc<Ctx>,
+    tcp: TcpStream,
+    client: SocketAddr,
+    tls: Arc<ServerConfig>,
+    known: Option<Header>,
+) {
     let accepted = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         tokio_rustls::TlsAcceptor::from(tls).accept(tcp),
@@ -211,19 +238,24 @@ async fn mesh(ctx: Arc<Ctx>, tcp: TcpStream, client: SocketAddr, tls: Arc<Server
         ctx.metrics.refused(INBOUND, "no_client_identity");
         return;
     };
-    let header =
-        match tokio::time::timeout(ctx.config.detect_timeout, Header::read(&mut stream)).await {
-            Ok(Ok(h)) => h,
-            Ok(Err(e)) => {
-                ctx.metrics.refused(INBOUND, "bad_transport_header");
-                tracing::info!(%client, %peer, error = %e, "refused: bad transport header");
-                return;
-            }
-            Err(_) => {
-                ctx.metrics.refused(INBOUND, "transport_header_timeout");
-                return;
-            }
-        };
+    let read = async {
+        match known {
+            Some(h) => Ok(h),
+            None => Header::read(&mut stream).await,
+        }
+    };
+    let header = match tokio::time::timeout(ctx.config.detect_timeout, read).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            ctx.metrics.refused(INBOUND, "bad_transport_header");
+            tracing::info!(%client, %peer, error = %e, "refused: bad transport header");
+            return;
+        }
+        Err(_) => {
+            ctx.metrics.refused(INBOUND, "transport_header_timeout");
+            return;
+        }
+    };
     if !ctx.app_port_allowed(header.port) {
         ctx.metrics.refused(INBOUND, "port_not_allowed");
         tracing::info!(%client, %peer, port = header.port, "refused: not an application port of this workload");

@@ -164,6 +164,7 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
     let app_version = parts.version;
     if app_version != Version::HTTP_2
+        && ep.transport == crate::destination::Transport::Musubi
         && let Ok(v) = h::version_name(app_version).parse()
     {
         parts.headers.insert(h::ORIG_PROTO, v);

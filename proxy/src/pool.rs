@@ -1,7 +1,7 @@
 //! Connections to other workloads' proxies: mTLS with the expected SPIFFE ID checked inside
 //! the handshake, the transport header, and a pool of multiplexed HTTP/2 connections.
 
-use crate::destination::Endpoint;
+use crate::destination::{Endpoint, Transport};
 use crate::http::Body;
 use crate::metrics::{Metrics, OUTBOUND, ReasonLabels};
 use crate::transport::{Header, Protocol};
@@ -20,6 +20,8 @@ use tokio_rustls::client::TlsStream;
 
 /// ALPN that marks a connection as Musubi's mesh transport.
 pub const ALPN: &[u8] = b"musubi.transport/1";
+/// ALPN of plain HTTP/2 over mTLS, for peers that are not Musubi proxies.
+pub const ALPN_H2: &[u8] = b"h2";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +54,7 @@ impl ConnectError {
 pub struct Connector {
     store: Arc<CredentialStore>,
     bundle: TrustBundle,
-    configs: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
+    configs: Mutex<HashMap<(SpiffeId, Transport), Arc<ClientConfig>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -81,22 +83,27 @@ impl Connector {
         }
     }
 
-    fn config_for(&self, id: &SpiffeId) -> Result<Arc<ClientConfig>, String> {
+    fn config_for(&self, id: &SpiffeId, transport: Transport) -> Result<Arc<ClientConfig>, String> {
         let mut configs = self
             .configs
             .lock()
             .map_err(|_| "config cache poisoned".to_string())?;
-        if let Some(c) = configs.get(id) {
+        let key = (id.clone(), transport);
+        if let Some(c) = configs.get(&key) {
             return Ok(c.clone());
         }
+        let alpn: &[u8] = match transport {
+            Transport::Musubi => ALPN,
+            Transport::H2Mtls => ALPN_H2,
+        };
         let c = tls::client_config(
             Some(self.store.clone()),
             &self.bundle,
             ServerIdentity::Exactly(id.clone()),
-            &[ALPN],
+            &[alpn],
         )
         .map_err(|e| e.to_string())?;
-        configs.insert(id.clone(), c.clone());
+        configs.insert(key, c.clone());
         Ok(c)
     }
 
@@ -109,7 +116,7 @@ impl Connector {
         let addr = ep.connect;
         let id = ep.identity.as_ref().ok_or(ConnectError::NotMeshed(addr))?;
         let config = self
-            .config_for(id)
+            .config_for(id, ep.transport)
             .map_err(|reason| ConnectError::Tls { addr, reason })?;
         let fut = async {
             let tcp = TcpStream::connect(addr)
@@ -145,12 +152,14 @@ impl Connector {
                     reason: "ok",
                 })
                 .inc();
-            tls.write_all(&header.encode())
-                .await
-                .map_err(|e| ConnectError::Tls {
-                    addr,
-                    reason: e.to_string(),
-                })?;
+            if ep.transport == Transport::Musubi {
+                tls.write_all(&header.encode())
+                    .await
+                    .map_err(|e| ConnectError::Tls {
+                        addr,
+                        reason: e.to_string(),
+                    })?;
+            }
             Ok(tls)
         };
         tokio::time::timeout(CONNECT_TIMEOUT, fut)

@@ -9,7 +9,7 @@ use crate::destination::Destination;
 use crate::drain::Drain;
 use crate::metrics::Metrics;
 use crate::policy::InboundPolicy;
-use crate::pool::{ALPN, Connector, H2Pool};
+use crate::pool::{ALPN, ALPN_H2, Connector, H2Pool};
 use musubi_identity::client::{self, RemoteCertSource, TokenSource};
 use musubi_identity::renew::{CertSource, RenewPolicy, Renewal};
 use musubi_identity::tls::{self, ClientAuth};
@@ -217,7 +217,12 @@ async fn run(
         Some(p) => tokio::sync::watch::channel(Arc::new(p)).1,
         None => control::watch_policy(controller, config.app_ports.clone()),
     };
-    let tls = match tls::server_config(store.clone(), &bundle, ClientAuth::Required, &[ALPN]) {
+    let tls = match tls::server_config(
+        store.clone(),
+        &bundle,
+        ClientAuth::Required,
+        &[ALPN, ALPN_H2],
+    ) {
         Ok(t) => t,
         Err(e) => {
             tracing::error!(error = %e, "cannot build the inbound TLS configuration");

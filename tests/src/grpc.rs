@@ -48,10 +48,17 @@ impl Echo for EchoApp {
         let msg = req.into_inner();
         if msg.text == "fail" {
             let mut status = Status::failed_precondition("told to fail");
-            status.metadata_mut().insert("x-detail", "from-the-app".parse().unwrap_or_else(|_| unreachable!()));
+            status.metadata_mut().insert(
+                "x-detail",
+                "from-the-app".parse().unwrap_or_else(|_| unreachable!()),
+            );
             return Err(status);
         }
-        Ok(Response::new(Msg { text: msg.text, delay_ms: 0, client_id: id }))
+        Ok(Response::new(Msg {
+            text: msg.text,
+            delay_ms: 0,
+            client_id: id,
+        }))
     }
 
     type ChatStream = ChatStream;
@@ -61,7 +68,11 @@ impl Echo for EchoApp {
         let mut inbound = req.into_inner();
         let out = async_stream(move |tx| async move {
             while let Some(Ok(m)) = inbound.next().await {
-                let reply = Msg { text: format!("re:{}", m.text), delay_ms: 0, client_id: id.clone() };
+                let reply = Msg {
+                    text: format!("re:{}", m.text),
+                    delay_ms: 0,
+                    client_id: id.clone(),
+                };
                 if tx.send(Ok(reply)).await.is_err() {
                     break;
                 }
@@ -75,7 +86,11 @@ impl Echo for EchoApp {
         let msg = req.into_inner();
         tokio::time::sleep(Duration::from_millis(u64::from(msg.delay_ms))).await;
         guard.1 = true;
-        Ok(Response::new(Msg { text: msg.text, delay_ms: msg.delay_ms, client_id: String::new() }))
+        Ok(Response::new(Msg {
+            text: msg.text,
+            delay_ms: msg.delay_ms,
+            client_id: String::new(),
+        }))
     }
 }
 
@@ -102,13 +117,20 @@ impl Drop for GrpcApp {
 }
 
 pub async fn serve() -> GrpcApp {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("bind: {e}"));
-    let addr = listener.local_addr().unwrap_or_else(|e| panic!("addr: {e}"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("addr: {e}"));
     let app = EchoApp::default();
     let svc = EchoServer::new(app.clone());
     let task = tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        let _ = tonic::transport::Server::builder().add_service(svc).serve_with_incoming(incoming).await;
+        let _ = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(incoming)
+            .await;
     });
     GrpcApp { addr, app, task }
 }

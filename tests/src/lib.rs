@@ -5,8 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support: fail loudly
 
 pub mod apps;
-pub mod grpc;
 pub mod envoy;
+pub mod grpc;
 pub mod mesh;
 
 use musubi_identity::client::{self, RemoteCertSource, TokenSource};

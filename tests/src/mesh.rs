@@ -6,7 +6,7 @@ use crate::Identity;
 use musubi_identity::SpiffeId;
 use musubi_identity::client::{self, RemoteCertSource, TokenSource};
 use musubi_proxy::config::{self, Config};
-use musubi_proxy::destination::{Destination, Endpoint, Protocol};
+use musubi_proxy::destination::{Destination, Endpoint, Protocol, Transport};
 use musubi_proxy::policy::InboundPolicy;
 use musubi_proxy::run::{self, Running, StartOptions};
 use std::collections::HashMap;
@@ -57,6 +57,7 @@ pub fn destination_as(
             app_port,
             identity: Some(identity),
             weight: 1,
+            transport: Transport::Musubi,
         }],
         version: 1,
     })
