@@ -20,8 +20,13 @@ pub mod pool;
 pub mod run;
 pub mod transport;
 
+/// Where a redirected connection was going (transparent mode).
+pub(crate) fn orig_dst_addr(tcp: &tokio::net::TcpStream) -> Option<std::net::SocketAddr> {
+    // Replaced by SO_ORIGINAL_DST (see `orig_dst`) once transparent capture lands.
+    tcp.local_addr().ok()
+}
+
 /// The application port a redirected connection was for (transparent mode).
 pub(crate) fn orig_dst_port(tcp: &tokio::net::TcpStream) -> Option<u16> {
-    // Replaced by SO_ORIGINAL_DST (see `orig_dst`) once transparent capture lands.
-    tcp.local_addr().ok().map(|a| a.port())
+    orig_dst_addr(tcp).map(|a| a.port())
 }

@@ -3,7 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use musubi_proxy::config::{Config, Env};
-use musubi_proxy::run::{self, StartOptions};
+use musubi_proxy::run;
 
 /// Exit code for a bad configuration (EX_USAGE).
 const EXIT_CONFIG: i32 = 64;
@@ -65,36 +65,10 @@ fn main() {
                     std::process::exit(1);
                 }
             };
-            if let Err(e) = rt.block_on(serve(config)) {
+            if let Err(e) = rt.block_on(run::serve_until_signal(config)) {
                 eprintln!("musubi-proxy: {e}");
                 std::process::exit(EXIT_CONFIG);
             }
         }
     }
-}
-
-async fn serve(config: Config) -> Result<(), run::StartError> {
-    let running = run::start(config, StartOptions::default()).await?;
-    println!(
-        "LISTENING inbound={} outbound={} admin={}",
-        running.inbound, running.outbound, running.admin
-    );
-    let drain = running.drain.clone();
-    tokio::spawn(async move {
-        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
-        match term {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-        drain.start();
-    });
-    running.stopped().await;
-    Ok(())
 }

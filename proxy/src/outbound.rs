@@ -36,18 +36,112 @@ pub async fn serve(ctx: Arc<Ctx>, listener: TcpListener) {
         let ctx = ctx.clone();
         let guard = ctx.drain.guard();
         tokio::spawn(async move {
-            serve_http(ctx, tcp, client).await;
+            match ctx.config.mode {
+                crate::config::CaptureMode::Explicit => serve_http(ctx, tcp, client, None).await,
+                crate::config::CaptureMode::Transparent => transparent(ctx, tcp, client).await,
+            }
             drop(guard);
         });
     }
 }
 
-/// Serves the application's HTTP connection (HTTP/1.1 or HTTP/2), request by request.
-pub async fn serve_http(ctx: Arc<Ctx>, tcp: TcpStream, client: SocketAddr) {
+/// A redirected connection (transparent mode): the original destination decides where it
+/// goes; the first bytes decide whether it is HTTP (handled request by request) or opaque.
+async fn transparent(ctx: Arc<Ctx>, tcp: TcpStream, client: SocketAddr) {
+    let Some(orig) = crate::orig_dst_addr(&tcp) else {
+        ctx.metrics.refused(OUTBOUND, "no_original_destination");
+        return;
+    };
+    if ctx.own_ports.contains(&orig.port()) && orig.ip().is_loopback() {
+        ctx.metrics.refused(OUTBOUND, "loop");
+        return;
+    }
+    let target = orig.to_string();
+    let resolution = match ctx.resolver.resolve(&target).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(%client, %target, error = %e, "no discovery answer; closing");
+            ctx.metrics.refused(OUTBOUND, "no_discovery");
+            return;
+        }
+    };
+    let declared_opaque = matches!(&resolution, Resolution::Meshed(d) if d.protocol == crate::destination::Protocol::Opaque);
+    let protocol = if declared_opaque || ctx.config.opaque_ports.contains(&orig.port()) {
+        crate::detect::Detected::Opaque
+    } else {
+        match crate::detect::detect(&tcp, ctx.config.detect_timeout).await {
+            Ok((d, took)) => {
+                let labels = crate::metrics::DetectLabels {
+                    direction: OUTBOUND,
+                    protocol: d.as_str(),
+                };
+                ctx.metrics.detections.get_or_create(&labels).inc();
+                ctx.metrics
+                    .detect_seconds
+                    .get_or_create(&labels)
+                    .observe(took.as_secs_f64());
+                d
+            }
+            Err(_) => return,
+        }
+    };
+    if protocol != crate::detect::Detected::Opaque {
+        return serve_http(ctx, tcp, client, Some(target)).await;
+    }
+    let mut tcp = tcp;
+    match resolution {
+        Resolution::Meshed(dest) => {
+            let Some(ep) = pick(&dest).cloned() else {
+                ctx.metrics.refused(OUTBOUND, "no_endpoints");
+                return;
+            };
+            let header = Header {
+                port: ep.app_port,
+                protocol: Protocol::Opaque,
+                authority: Some(target),
+            };
+            match ctx.connector.connect(&ep, &header).await {
+                Ok(mut upstream) => {
+                    let labels = TcpLabels {
+                        direction: OUTBOUND,
+                        peer_identity: ep
+                            .identity
+                            .as_ref()
+                            .map(|i| i.to_string())
+                            .unwrap_or_default(),
+                        tls: "true",
+                    };
+                    copy_counted(&ctx, labels, &mut tcp, &mut upstream).await;
+                }
+                Err(e) => {
+                    ctx.metrics.refused(OUTBOUND, e.label());
+                    tracing::warn!(%client, endpoint = %ep.connect, error = %e, "cannot reach endpoint");
+                }
+            }
+        }
+        Resolution::Unknown => match TcpStream::connect(orig).await {
+            Ok(mut upstream) => {
+                let labels = TcpLabels {
+                    direction: OUTBOUND,
+                    peer_identity: String::new(),
+                    tls: "false",
+                };
+                copy_counted(&ctx, labels, &mut tcp, &mut upstream).await;
+            }
+            Err(e) => tracing::debug!(%orig, error = %e, "passthrough connect failed"),
+        },
+    }
+}
+
+/// Serves the application's HTTP connection (HTTP/1.1 or HTTP/2), request by request. With a
+/// `target` (transparent mode), requests go to that original destination; without one, each
+/// request's authority decides.
+pub async fn serve_http(ctx: Arc<Ctx>, tcp: TcpStream, client: SocketAddr, target: Option<String>) {
     let svc_ctx = ctx.clone();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let ctx = svc_ctx.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(ctx, req).await) }
+        let target = target.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(ctx, req, target).await) }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
@@ -64,22 +158,29 @@ pub async fn serve_http(ctx: Arc<Ctx>, tcp: TcpStream, client: SocketAddr) {
     }
 }
 
-async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
-    if req.method() == Method::CONNECT {
+async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>, target: Option<String>) -> Response<Body> {
+    if req.method() == Method::CONNECT && target.is_none() {
         return connect_tunnel(ctx, req).await;
     }
-    let Some(authority) = h::authority(&req).map(|a| h::with_port(&a, 80)) else {
+    let Some(authority) = h::authority(&req)
+        .map(|a| h::with_port(&a, 80))
+        .or_else(|| target.clone())
+    else {
         return error_response(
             StatusCode::BAD_REQUEST,
             "request names no authority (Host header or absolute URI)",
         );
     };
-    let resolution = match ctx.resolver.resolve(&authority).await {
+    let lookup = target.as_deref().unwrap_or(&authority);
+    let resolution = match ctx.resolver.resolve(lookup).await {
         Ok(r) => r,
         Err(e) => return error_response(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
     match resolution {
-        Resolution::Unknown => passthrough(ctx, req, authority).await,
+        Resolution::Unknown => {
+            let connect_to = target.unwrap_or_else(|| authority.clone());
+            passthrough(ctx, req, authority, connect_to).await
+        }
         Resolution::Meshed(dest) => {
             let Some(ep) = pick(&dest) else {
                 ctx.metrics.refused(OUTBOUND, "no_endpoints");
@@ -278,7 +379,12 @@ async fn upgrade(
 }
 
 /// A destination outside the mesh: plain HTTP/1.1 to it, as the application asked.
-async fn passthrough(ctx: Arc<Ctx>, req: Request<Incoming>, authority: String) -> Response<Body> {
+async fn passthrough(
+    ctx: Arc<Ctx>,
+    req: Request<Incoming>,
+    authority: String,
+    connect_to: String,
+) -> Response<Body> {
     let started = Instant::now();
     count_request(&ctx, &authority, "", false);
     if h::is_upgrade(&req) {
@@ -295,7 +401,12 @@ async fn passthrough(ctx: Arc<Ctx>, req: Request<Incoming>, authority: String) -
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
-    parts.uri = match format!("http://{authority}{path}").parse() {
+    if !parts.headers.contains_key(http::header::HOST)
+        && let Ok(v) = authority.parse()
+    {
+        parts.headers.insert(http::header::HOST, v);
+    }
+    parts.uri = match format!("http://{connect_to}{path}").parse() {
         Ok(u) => u,
         Err(e) => {
             return error_response(StatusCode::BAD_REQUEST, &format!("bad request target: {e}"));

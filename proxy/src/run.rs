@@ -289,3 +289,30 @@ pub async fn wait_ready(admin: SocketAddr, timeout: Duration) -> bool {
     }
     false
 }
+
+/// Runs a proxy until SIGTERM or SIGINT, then drains and returns: what the `musubi-proxy`
+/// binary (and `musubi up`'s proxies) do.
+pub async fn serve_until_signal(config: Config) -> Result<(), StartError> {
+    let running = start(config, StartOptions::default()).await?;
+    println!(
+        "LISTENING inbound={} outbound={} admin={}",
+        running.inbound, running.outbound, running.admin
+    );
+    let drain = running.drain.clone();
+    tokio::spawn(async move {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        drain.start();
+    });
+    running.stopped().await;
+    Ok(())
+}
