@@ -35,6 +35,8 @@ pub struct Setup {
     pub app_ports: Vec<u16>,
     pub destinations: HashMap<String, Arc<Destination>>,
     pub policy: Option<InboundPolicy>,
+    /// Watch this controller (address, identity) instead of the fixed tables.
+    pub controller: Option<(std::net::SocketAddr, SpiffeId)>,
 }
 
 /// A destination served by one proxy's inbound listener.
@@ -75,7 +77,11 @@ pub async fn proxy(identity: &Identity, ns: &str, sa: &str, setup: Setup) -> Pro
         .join(",");
     let anchors_s = anchors.display().to_string();
     let identity_addr = identity.addr();
-    let env: HashMap<&str, &str> = HashMap::from([
+    let (controller_addr, controller_id) = match &setup.controller {
+        Some((a, id)) => (a.to_string(), id.to_string()),
+        None => (String::new(), String::new()),
+    };
+    let mut env: HashMap<&str, &str> = HashMap::from([
         (config::INBOUND_LISTEN, "127.0.0.1:0"),
         (config::OUTBOUND_LISTEN, "127.0.0.1:0"),
         (config::ADMIN_LISTEN, "127.0.0.1:0"),
@@ -96,7 +102,12 @@ pub async fn proxy(identity: &Identity, ns: &str, sa: &str, setup: Setup) -> Pro
         (config::IDENTITY_NAMESPACE, "musubi"),
         (config::DRAIN_TIMEOUT, "5s"),
     ]);
+    if setup.controller.is_some() {
+        env.insert(config::CONTROLLER_ADDR, controller_addr.as_str());
+        env.insert(config::CONTROLLER_IDENTITY, controller_id.as_str());
+    }
     let cfg = Config::from_source(&env).expect("proxy config");
+    let fixed = setup.controller.is_none();
     let token = identity
         .tokens
         .mint(ns, sa, Duration::from_secs(3600))
@@ -112,7 +123,7 @@ pub async fn proxy(identity: &Identity, ns: &str, sa: &str, setup: Setup) -> Pro
         cfg,
         StartOptions {
             cert_source: Some(source),
-            fixed_destinations: Some(setup.destinations),
+            fixed_destinations: fixed.then_some(setup.destinations),
             fixed_policy: setup.policy,
         },
     )
@@ -126,5 +137,71 @@ pub async fn proxy(identity: &Identity, ns: &str, sa: &str, setup: Setup) -> Pro
         running,
         id: identity.id(ns, sa),
         _dir: dir,
+    }
+}
+
+/// A real controller serving a mesh file, with an SVID from the identity service.
+pub struct Controller {
+    pub running: Option<musubi_controller::RunningController>,
+    pub source: Arc<musubi_controller::file::FileSource>,
+    pub path: std::path::PathBuf,
+    pub id: SpiffeId,
+    pub addr: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Controller {
+    pub async fn start(identity: &Identity, yaml: &str) -> Controller {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let source = musubi_controller::file::FileSource::load(&path).expect("mesh file loads");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut c = Controller {
+            running: None,
+            source,
+            path,
+            id: identity.id("musubi", "musubi-controller"),
+            addr,
+            _dir: dir,
+        };
+        c.serve(identity, listener).await;
+        c
+    }
+
+    async fn serve(&mut self, identity: &Identity, listener: tokio::net::TcpListener) {
+        let store = identity.svid("musubi", "musubi-controller").await;
+        let running = musubi_controller::start(musubi_controller::ControllerConfig {
+            source: self.source.clone(),
+            bundle: identity.ca.bundle.clone(),
+            store,
+            listener,
+        })
+        .expect("controller starts");
+        self.running = Some(running);
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+
+    /// Starts serving again on the same address.
+    pub async fn restart(&mut self, identity: &Identity) {
+        self.stop().await;
+        let listener = tokio::net::TcpListener::bind(self.addr).await.unwrap();
+        self.serve(identity, listener).await;
+    }
+
+    /// Rewrites the mesh file and has the source pick it up now.
+    pub async fn edit(&self, yaml: &str) -> Result<bool, musubi_controller::file::ConfigError> {
+        std::fs::write(&self.path, yaml).unwrap();
+        self.source.poll().await
+    }
+
+    pub fn endpoint(&self) -> (std::net::SocketAddr, SpiffeId) {
+        (self.addr, self.id.clone())
     }
 }

@@ -1,0 +1,78 @@
+//! `musubi`: the command users type. `musubi up` runs a whole mesh on this machine.
+
+use clap::{Parser, Subcommand};
+
+mod control_plane;
+mod demo;
+mod spec;
+mod up;
+
+#[derive(Parser)]
+#[command(name = "musubi", version, about = "Musubi service mesh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the whole mesh on this machine: identity service, controller, and a proxy in front of
+    /// every service (a demo mesh, or your services with -f mesh.yaml).
+    Up(up::UpArgs),
+    /// Run a proxy (configured by MUSUBI_PROXY_* variables), as `musubi up` does for each service.
+    #[command(hide = true)]
+    Proxy,
+    /// Run one of the demo applications.
+    #[command(hide = true)]
+    Demo {
+        #[arg(value_enum)]
+        app: demo::App,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MUSUBI_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("MUSUBI_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() {
+    musubi_identity::crypto::install_default();
+    init_tracing();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("musubi: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Up(a) => up::up(a).await,
+            Command::Proxy => proxy().await,
+            Command::Demo { app } => demo::run(app).await,
+        }
+    });
+    if let Err(e) = result {
+        eprintln!("musubi: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn proxy() -> anyhow::Result<()> {
+    use musubi_proxy::config::{Config, Env};
+    let config =
+        Config::from_source(&Env).map_err(|e| anyhow::anyhow!("bad configuration: {e}"))?;
+    Ok(musubi_proxy::run::serve_until_signal(config).await?)
+}

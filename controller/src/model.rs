@@ -1,0 +1,448 @@
+//! The mesh file's shape and what it means: validation into [`MeshState`], and the pure
+//! decisions the streams serve from it (`resolve`, `policy_for`). Documented in
+//! `docs/mesh-file.md`.
+
+use musubi_identity::{SpiffeId, TrustDomain};
+use musubi_proto::discovery::v1 as dpb;
+use musubi_proto::policy::v1 as ppb;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Mtls {
+    #[default]
+    Strict,
+    Permissive,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MeshFile {
+    #[serde(default = "cluster_local")]
+    pub trust_domain: String,
+    #[serde(default = "cluster_local")]
+    pub cluster_domain: String,
+    #[serde(default)]
+    pub mtls: Mtls,
+    #[serde(default)]
+    pub namespaces: BTreeMap<String, NamespaceFile>,
+    #[serde(default)]
+    pub services: Vec<ServiceFile>,
+    #[serde(default)]
+    pub workloads: Vec<WorkloadFile>,
+}
+
+fn cluster_local() -> String {
+    "cluster.local".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceFile {
+    pub mtls: Option<Mtls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceFile {
+    pub name: String,
+    pub namespace: String,
+    pub port: u16,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub endpoints: Vec<EndpointFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EndpointFile {
+    pub address: String,
+    pub port: u16,
+    pub service_account: Option<String>,
+    #[serde(default)]
+    pub proxy_port: u16,
+    #[serde(default = "one")]
+    pub weight: u32,
+    #[serde(default = "yes")]
+    pub ready: bool,
+    /// `musubi` (default) or `h2-mtls` for a peer that is not a Musubi proxy.
+    #[serde(default)]
+    pub transport: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadFile {
+    pub namespace: String,
+    pub service_account: String,
+    #[serde(default)]
+    pub ports: Vec<PortFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortFile {
+    pub port: u16,
+    pub mtls: Option<Mtls>,
+    pub allow: Option<Vec<AllowFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowFile {
+    pub identity: Option<String>,
+    pub namespace: Option<String>,
+    pub authenticated: Option<bool>,
+    pub any: Option<bool>,
+}
+
+/// A validated mesh: what the streams answer from.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MeshState {
+    pub trust_domain: String,
+    pub cluster_domain: String,
+    pub mtls: Mtls,
+    pub namespace_mtls: BTreeMap<String, Mtls>,
+    pub services: Vec<Service>,
+    /// Keyed by (namespace, service account).
+    pub workloads: BTreeMap<(String, String), Vec<ppb::PortPolicy>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub port: u16,
+    pub addresses: Vec<IpAddr>,
+    pub proto: dpb::Service,
+}
+
+/// A semantic problem, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {problem}")]
+pub struct Invalid {
+    pub path: String,
+    pub problem: String,
+    /// Text to look for to find the line (the offending value).
+    pub needle: String,
+}
+
+fn invalid(path: String, problem: impl Into<String>, needle: impl Into<String>) -> Invalid {
+    Invalid {
+        path,
+        problem: problem.into(),
+        needle: needle.into(),
+    }
+}
+
+fn protocol(p: Option<&str>, path: &str) -> Result<dpb::Protocol, Invalid> {
+    Ok(match p.unwrap_or("detect") {
+        "detect" => dpb::Protocol::Detect,
+        "http" | "http1" => dpb::Protocol::Http1,
+        "http2" | "grpc" => dpb::Protocol::Http2,
+        "opaque" | "tcp" => dpb::Protocol::Opaque,
+        other => {
+            return Err(invalid(
+                format!("{path}.protocol"),
+                format!("{other:?} is not one of detect, http, http2, grpc, opaque"),
+                other,
+            ));
+        }
+    })
+}
+
+fn rule(a: &AllowFile, path: &str) -> Result<ppb::AuthorizationRule, Invalid> {
+    use ppb::authorization_rule::Client;
+    let client = match (&a.identity, &a.namespace, a.authenticated, a.any) {
+        (Some(id), None, None, None) => {
+            SpiffeId::parse(id)
+                .map_err(|e| invalid(format!("{path}.identity"), e.to_string(), id.clone()))?;
+            Client::Identity(id.clone())
+        }
+        (None, Some(ns), None, None) => Client::Namespace(ns.clone()),
+        (None, None, Some(true), None) => Client::AnyAuthenticated(true),
+        (None, None, None, Some(true)) => Client::Any(true),
+        _ => {
+            return Err(invalid(
+                path.to_string(),
+                "an allow rule is exactly one of identity, namespace, authenticated: true, any: true",
+                "allow",
+            ));
+        }
+    };
+    Ok(ppb::AuthorizationRule {
+        client: Some(client),
+    })
+}
+
+fn mtls_pb(m: Mtls) -> i32 {
+    match m {
+        Mtls::Strict => ppb::MtlsMode::Strict as i32,
+        Mtls::Permissive => ppb::MtlsMode::Permissive as i32,
+    }
+}
+
+impl MeshFile {
+    pub fn validate(&self) -> Result<MeshState, Invalid> {
+        let td = TrustDomain::new(&self.trust_domain).map_err(|e| {
+            invalid(
+                "trustDomain".into(),
+                e.to_string(),
+                self.trust_domain.clone(),
+            )
+        })?;
+        let mut services: Vec<Service> = Vec::new();
+        for (i, s) in self.services.iter().enumerate() {
+            let path = format!("services[{i}]");
+            SpiffeId::workload(&td, &s.namespace, &s.name)
+                .map_err(|e| invalid(format!("{path}.name"), e.to_string(), s.name.clone()))?;
+            if s.port == 0 {
+                return Err(invalid(
+                    format!("{path}.port"),
+                    "must be 1-65535",
+                    "port: 0",
+                ));
+            }
+            if services
+                .iter()
+                .any(|o| o.name == s.name && o.namespace == s.namespace && o.port == s.port)
+            {
+                return Err(invalid(
+                    path.to_string(),
+                    "duplicate service (same name, namespace and port)",
+                    s.name.clone(),
+                ));
+            }
+            let proto = protocol(s.protocol.as_deref(), &path)?;
+            let mut addresses = Vec::new();
+            for (j, a) in s.addresses.iter().enumerate() {
+                addresses.push(a.parse::<IpAddr>().map_err(|_| {
+                    invalid(
+                        format!("{path}.addresses[{j}]"),
+                        format!("{a:?} is not an IP address"),
+                        a.clone(),
+                    )
+                })?);
+            }
+            let mut endpoints = Vec::new();
+            for (j, e) in s.endpoints.iter().enumerate() {
+                let ep_path = format!("{path}.endpoints[{j}]");
+                e.address.parse::<IpAddr>().map_err(|_| {
+                    invalid(
+                        format!("{ep_path}.address"),
+                        format!("{:?} is not an IP address", e.address),
+                        e.address.clone(),
+                    )
+                })?;
+                if e.port == 0 {
+                    return Err(invalid(
+                        format!("{ep_path}.port"),
+                        "must be 1-65535",
+                        "port: 0",
+                    ));
+                }
+                let identity = match &e.service_account {
+                    Some(sa) => SpiffeId::workload(&td, &s.namespace, sa)
+                        .map_err(|err| {
+                            invalid(
+                                format!("{ep_path}.serviceAccount"),
+                                err.to_string(),
+                                sa.clone(),
+                            )
+                        })?
+                        .to_string(),
+                    None => String::new(),
+                };
+                let transport = match e.transport.as_deref() {
+                    None | Some("musubi") => dpb::Transport::Musubi,
+                    Some("h2-mtls") => dpb::Transport::H2Mtls,
+                    Some(other) => {
+                        return Err(invalid(
+                            format!("{ep_path}.transport"),
+                            format!("{other:?} is not musubi or h2-mtls"),
+                            other,
+                        ));
+                    }
+                };
+                endpoints.push(dpb::Endpoint {
+                    address: e.address.clone(),
+                    port: u32::from(e.port),
+                    identity,
+                    weight: e.weight,
+                    ready: e.ready,
+                    proxy_port: u32::from(e.proxy_port),
+                    labels: Default::default(),
+                    transport: transport as i32,
+                });
+            }
+            services.push(Service {
+                name: s.name.clone(),
+                namespace: s.namespace.clone(),
+                port: s.port,
+                addresses,
+                proto: dpb::Service {
+                    name: s.name.clone(),
+                    namespace: s.namespace.clone(),
+                    authority: format!(
+                        "{}.{}.svc.{}:{}",
+                        s.name, s.namespace, self.cluster_domain, s.port
+                    ),
+                    port: u32::from(s.port),
+                    protocol: proto as i32,
+                    endpoints,
+                    routes: vec![],
+                    client_policy: None,
+                },
+            });
+        }
+        let mut workloads = BTreeMap::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            let path = format!("workloads[{i}]");
+            SpiffeId::workload(&td, &w.namespace, &w.service_account).map_err(|e| {
+                invalid(
+                    format!("{path}.serviceAccount"),
+                    e.to_string(),
+                    w.service_account.clone(),
+                )
+            })?;
+            let mut ports = Vec::new();
+            for (j, p) in w.ports.iter().enumerate() {
+                let pp = format!("{path}.ports[{j}]");
+                if p.port == 0 {
+                    return Err(invalid(format!("{pp}.port"), "must be 1-65535", "port: 0"));
+                }
+                let authorization = match &p.allow {
+                    None => None,
+                    Some(rules) => Some(ppb::Authorization {
+                        rules: rules
+                            .iter()
+                            .enumerate()
+                            .map(|(k, r)| rule(r, &format!("{pp}.allow[{k}]")))
+                            .collect::<Result<_, _>>()?,
+                    }),
+                };
+                let mode = p
+                    .mtls
+                    .or_else(|| self.namespaces.get(&w.namespace).and_then(|n| n.mtls))
+                    .unwrap_or(self.mtls);
+                ports.push(ppb::PortPolicy {
+                    port: u32::from(p.port),
+                    mtls: mtls_pb(mode),
+                    authorization,
+                });
+            }
+            if workloads
+                .insert((w.namespace.clone(), w.service_account.clone()), ports)
+                .is_some()
+            {
+                return Err(invalid(
+                    path,
+                    "duplicate workload (same namespace and service account)",
+                    w.service_account.clone(),
+                ));
+            }
+        }
+        Ok(MeshState {
+            trust_domain: td.to_string(),
+            cluster_domain: self.cluster_domain.clone(),
+            mtls: self.mtls,
+            namespace_mtls: self
+                .namespaces
+                .iter()
+                .filter_map(|(k, v)| v.mtls.map(|m| (k.clone(), m)))
+                .collect(),
+            services,
+            workloads,
+        })
+    }
+}
+
+/// What is behind `target` (`host:port` or `ip:port`), for a watcher in `context_namespace`.
+pub fn resolve(state: &MeshState, target: &str, context_namespace: &str) -> dpb::ServiceUpdate {
+    let found = split_target(target).and_then(|(host, port)| {
+        if let Ok(ip) = host.trim_matches(['[', ']']).parse::<IpAddr>() {
+            return state.services.iter().find(|s| {
+                (s.port == port && s.addresses.contains(&ip))
+                    || s.proto.endpoints.iter().any(|e| {
+                        e.port == u32::from(port) && e.address.parse::<IpAddr>().ok() == Some(ip)
+                    })
+            });
+        }
+        let parts: Vec<&str> = host.split('.').collect();
+        let (name, ns) = match parts.as_slice() {
+            [name] => (*name, context_namespace),
+            [name, ns] => (*name, *ns),
+            [name, ns, "svc"] => (*name, *ns),
+            [name, ns, "svc", rest @ ..] if rest.join(".") == state.cluster_domain => (*name, *ns),
+            _ => return None,
+        };
+        state
+            .services
+            .iter()
+            .find(|s| s.name == name && s.namespace == ns && s.port == port)
+    });
+    match found {
+        Some(s) => dpb::ServiceUpdate {
+            unknown: false,
+            service: Some(s.proto.clone()),
+            version: 0,
+        },
+        None => dpb::ServiceUpdate {
+            unknown: true,
+            service: None,
+            version: 0,
+        },
+    }
+}
+
+/// `host:port` (IPv6 in brackets); `None` when there is no valid port.
+pub fn split_target(target: &str) -> Option<(&str, u16)> {
+    let (host, port) = target.rsplit_once(':')?;
+    let port: u16 = port.parse().ok().filter(|p| *p > 0)?;
+    if host.is_empty() {
+        return None;
+    }
+    Some((host, port))
+}
+
+/// The inbound policy of the workload `id` runs as.
+pub fn policy_for(state: &MeshState, id: &SpiffeId) -> ppb::InboundPolicy {
+    let names = id.workload_names();
+    let ns = names
+        .as_ref()
+        .map(|w| w.namespace.clone())
+        .unwrap_or_default();
+    let default_mode = state.namespace_mtls.get(&ns).copied().unwrap_or(state.mtls);
+    let ports = names
+        .and_then(|w| {
+            state
+                .workloads
+                .get(&(w.namespace, w.service_account))
+                .cloned()
+        })
+        .unwrap_or_default();
+    ppb::InboundPolicy {
+        version: 0,
+        default_policy: Some(ppb::PortPolicy {
+            port: 0,
+            mtls: mtls_pb(default_mode),
+            authorization: None,
+        }),
+        ports,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,165 @@
+use super::*;
+
+fn state(yaml: &str) -> MeshState {
+    let f: MeshFile = serde_yaml::from_str(yaml).unwrap();
+    f.validate().unwrap()
+}
+
+const MESH: &str = r#"
+mtls: STRICT
+namespaces:
+  legacy: { mtls: PERMISSIVE }
+services:
+  - name: api
+    namespace: shop
+    port: 80
+    protocol: http
+    addresses: [10.96.0.10]
+    endpoints:
+      - { address: 127.0.0.1, port: 9001, serviceAccount: api, proxyPort: 14143 }
+      - { address: 10.0.0.7, port: 9001, serviceAccount: api, ready: false }
+  - name: db
+    namespace: shop
+    port: 5432
+    protocol: opaque
+    endpoints:
+      - { address: 10.0.0.9, port: 5432 }
+workloads:
+  - namespace: shop
+    serviceAccount: api
+    ports:
+      - port: 9001
+        allow:
+          - identity: spiffe://cluster.local/ns/shop/sa/web
+          - namespace: ops
+  - namespace: legacy
+    serviceAccount: old
+    ports:
+      - port: 8080
+"#;
+
+#[test]
+fn resolve_table() {
+    let s = state(MESH);
+    let cases = [
+        ("api:80", "shop", Some("api")),
+        ("api.shop:80", "other", Some("api")),
+        ("api.shop.svc:80", "other", Some("api")),
+        ("api.shop.svc.cluster.local:80", "other", Some("api")),
+        ("api.shop.svc.other.domain:80", "other", None),
+        ("api:80", "other", None),
+        ("api.shop:81", "shop", None),
+        ("10.96.0.10:80", "x", Some("api")),
+        ("127.0.0.1:9001", "x", Some("api")),
+        ("10.0.0.9:5432", "x", Some("db")),
+        ("10.0.0.9:80", "x", None),
+        ("nothing.here:80", "x", None),
+    ];
+    for (target, ns, want) in cases {
+        let u = resolve(&s, target, ns);
+        assert_eq!(
+            u.service.as_ref().map(|s| s.name.as_str()),
+            want,
+            "{target} from {ns}"
+        );
+        assert_eq!(u.unknown, want.is_none(), "{target}");
+    }
+    let api = resolve(&s, "api.shop:80", "").service.unwrap();
+    assert_eq!(api.authority, "api.shop.svc.cluster.local:80");
+    assert_eq!(
+        api.endpoints[0].identity,
+        "spiffe://cluster.local/ns/shop/sa/api"
+    );
+    assert_eq!(api.endpoints[0].proxy_port, 14143);
+    assert!(!api.endpoints[1].ready);
+    let db = resolve(&s, "db.shop:5432", "").service.unwrap();
+    assert_eq!(db.protocol, dpb::Protocol::Opaque as i32);
+    assert_eq!(
+        db.endpoints[0].identity, "",
+        "an endpoint without a service account is not meshed"
+    );
+}
+
+#[test]
+fn policy_table() {
+    let s = state(MESH);
+    let id = |x: &str| SpiffeId::parse(x).unwrap();
+    let api = policy_for(&s, &id("spiffe://cluster.local/ns/shop/sa/api"));
+    assert_eq!(
+        api.default_policy.as_ref().unwrap().mtls,
+        ppb::MtlsMode::Strict as i32
+    );
+    assert_eq!(api.ports.len(), 1);
+    assert_eq!(api.ports[0].authorization.as_ref().unwrap().rules.len(), 2);
+    let old = policy_for(&s, &id("spiffe://cluster.local/ns/legacy/sa/old"));
+    assert_eq!(
+        old.default_policy.unwrap().mtls,
+        ppb::MtlsMode::Permissive as i32,
+        "namespace default"
+    );
+    assert_eq!(
+        old.ports[0].mtls,
+        ppb::MtlsMode::Permissive as i32,
+        "port inherits the namespace mode"
+    );
+    let stranger = policy_for(&s, &id("spiffe://cluster.local/ns/shop/sa/nobody"));
+    assert!(stranger.ports.is_empty());
+    assert_eq!(
+        stranger.default_policy.unwrap().mtls,
+        ppb::MtlsMode::Strict as i32
+    );
+}
+
+#[test]
+fn validation_table() {
+    let bad = [
+        (
+            "services: [{name: Api, namespace: shop, port: 80}]",
+            "services[0].name",
+        ),
+        (
+            "services: [{name: api, namespace: shop, port: 0}]",
+            "services[0].port",
+        ),
+        (
+            "services: [{name: api, namespace: shop, port: 80}, {name: api, namespace: shop, port: 80}]",
+            "duplicate service",
+        ),
+        (
+            "services: [{name: api, namespace: shop, port: 80, addresses: [nope]}]",
+            "addresses[0]",
+        ),
+        (
+            "services: [{name: api, namespace: shop, port: 80, endpoints: [{address: 1.2.3.4, port: 1, transport: carrier-pigeon}]}]",
+            "transport",
+        ),
+        (
+            "workloads: [{namespace: shop, serviceAccount: api, ports: [{port: 1, allow: [{identity: nope}]}]}]",
+            "allow[0].identity",
+        ),
+        (
+            "workloads: [{namespace: shop, serviceAccount: api, ports: [{port: 1, allow: [{namespace: a, any: true}]}]}]",
+            "exactly one",
+        ),
+        (
+            "workloads: [{namespace: shop, serviceAccount: api}, {namespace: shop, serviceAccount: api}]",
+            "duplicate workload",
+        ),
+        ("trustDomain: 'a/b'", "trustDomain"),
+    ];
+    for (yaml, want) in bad {
+        let f: MeshFile = serde_yaml::from_str(yaml).unwrap();
+        let e = f.validate().unwrap_err().to_string();
+        assert!(e.contains(want), "{yaml}: {e}");
+    }
+}
+
+#[test]
+fn split_target_table() {
+    assert_eq!(split_target("a:80"), Some(("a", 80)));
+    assert_eq!(split_target("[::1]:80"), Some(("[::1]", 80)));
+    assert_eq!(split_target("a"), None);
+    assert_eq!(split_target("a:0"), None);
+    assert_eq!(split_target(":80"), None);
+    assert_eq!(split_target("a:99999"), None);
+}
