@@ -1,6 +1,7 @@
 //! `musubi-bench`: reproducible whole-system benchmarks. See bench/README.md.
 
 mod certify;
+mod mesh;
 mod sys;
 
 use anyhow::Result;
@@ -21,6 +22,11 @@ enum Command {
     /// Certificates per second: raw signing in-process, and end to end over gRPC+TLS against
     /// a `musubi-identity serve` process pinned to one core.
     Certify(certify::Args),
+    /// What a mesh costs: baseline vs a Musubi proxy pair vs an Envoy pair, side by side.
+    Mesh(mesh::Args),
+    /// The benchmark's backend (started by `mesh` as its own process).
+    #[command(hide = true)]
+    Backend(mesh::backend::Args),
 }
 
 fn main() -> Result<()> {
@@ -32,6 +38,8 @@ fn main() -> Result<()> {
     rt.block_on(async {
         match cli.command {
             Command::Certify(a) => certify::run(a).await,
+            Command::Mesh(a) => mesh::run(a).await,
+            Command::Backend(a) => mesh::backend::run(a).await,
         }
     })
 }

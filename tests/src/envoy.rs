@@ -134,6 +134,11 @@ impl Envoy {
             .sum()
     }
 
+    /// The Envoy process id (for CPU and memory accounting).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("envoy.log")).unwrap_or_default()
     }

@@ -1,0 +1,368 @@
+//! `musubi-bench mesh`: what a mesh costs. The same constant-rate load straight to a backend
+//! (baseline), through a Musubi proxy pair and through an Envoy pair, side by side in one run,
+//! repeated with the order of systems rotated, medians and spreads reported.
+
+pub mod backend;
+mod envoy_config;
+mod load;
+mod report;
+mod tcp;
+mod topology;
+
+use crate::sys;
+use anyhow::Result;
+use load::{Kind, Load, Outcome};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Duration;
+use topology::{ControlPlane, ProxyPorts, System, Which};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Smoke run (about a minute): one repetition, one-second points, a single capacity step.
+    #[arg(long)]
+    pub quick: bool,
+    /// Repetitions of every point (the order of systems rotates between them).
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Length of every latency point.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Write the JSON result here (e.g. bench/results/<date>-<host>.json).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// One latency point of the plan.
+#[derive(Debug, Clone, Copy)]
+pub struct Point {
+    pub kind: Kind,
+    pub rps: u32,
+    pub connections: u32,
+}
+
+impl Point {
+    pub fn label(&self) -> String {
+        format!(
+            "{} {} rps {} conn",
+            self.kind.label(),
+            self.rps,
+            self.connections
+        )
+    }
+}
+
+/// The latency plan: the scenarios 1–3 (quick: one point of each kind).
+pub fn plan(quick: bool) -> Vec<Point> {
+    let p = |kind, rps, connections| Point {
+        kind,
+        rps,
+        connections,
+    };
+    if quick {
+        return vec![
+            p(Kind::Http1, 1000, 16),
+            p(Kind::Http2, 1000, 16),
+            p(Kind::Grpc, 1000, 16),
+        ];
+    }
+    vec![
+        p(Kind::Http1, 200, 16),
+        p(Kind::Http1, 1000, 16),
+        p(Kind::Http1, 2000, 16),
+        p(Kind::Http2, 1000, 16),
+        p(Kind::Grpc, 1000, 16),
+        p(Kind::Http1, 1000, 1),
+        p(Kind::Http1, 1000, 4),
+        p(Kind::Http1, 1000, 64),
+    ]
+}
+
+/// Capacity steps (requests per second).
+pub fn capacity_steps(quick: bool) -> Vec<u32> {
+    if quick {
+        return vec![2000];
+    }
+    let mut steps = vec![2000u32];
+    while let Some(&last) = steps.last()
+        && last < 60_000
+    {
+        steps.push(last * 3 / 2);
+    }
+    steps
+}
+
+/// One measurement of one system at one point.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub outcome: Outcome,
+    /// Millicores per 1000 RPS, per proxy (client, server).
+    pub millicores_per_krps: Vec<f64>,
+    /// VmRSS after the run, per proxy, bytes.
+    pub rss: Vec<u64>,
+}
+
+async fn measure(sys_: &System, point: Point, duration: Duration) -> Result<Sample> {
+    let (target, authority) = match point.kind {
+        Kind::Grpc => (&sys_.targets.grpc, &sys_.targets.grpc_authority),
+        _ => (&sys_.targets.http, &sys_.targets.http_authority),
+    };
+    let before: Vec<Duration> = sys_
+        .proxies
+        .iter()
+        .map(|(_, pid)| sys::cpu_time(*pid).unwrap_or_default())
+        .collect();
+    let outcome = load::run(
+        &Load {
+            kind: point.kind,
+            target: target.clone(),
+            authority: authority.clone(),
+            rps: point.rps,
+            connections: point.connections,
+            duration,
+        },
+        Some(topology::LOAD_CPUS),
+    )
+    .await?;
+    let secs = duration.as_secs_f64();
+    let krps = (outcome.achieved_rps / 1000.0).max(1e-9);
+    let millicores_per_krps = sys_
+        .proxies
+        .iter()
+        .zip(before)
+        .map(|((_, pid), b)| {
+            let used = sys::cpu_time(*pid).unwrap_or_default().saturating_sub(b);
+            used.as_secs_f64() / secs * 1000.0 / krps
+        })
+        .collect();
+    let rss = sys_
+        .proxies
+        .iter()
+        .map(|(_, pid)| sys::rss(*pid).map(|r| r.0).unwrap_or(0))
+        .collect();
+    Ok(Sample {
+        outcome,
+        millicores_per_krps,
+        rss,
+    })
+}
+
+/// Everything one run measured.
+#[derive(Debug, Default)]
+pub struct Results {
+    /// (point label, system) → samples, in plan order.
+    pub latency: Vec<(Point, Which, Vec<Sample>)>,
+    /// system → highest rate sustained, and whether a higher step failed (false: it
+    /// sustained every step tried, so the figure is a lower bound).
+    pub capacity: Vec<(Which, Option<u32>, bool)>,
+    /// system → opaque throughput samples (Gbit/s); "rustls" for the reference.
+    pub throughput: Vec<(String, Vec<f64>)>,
+    /// system → new mTLS connections per second samples.
+    pub handshakes: Vec<(String, Vec<f64>)>,
+    /// system → start-to-ready samples (ms).
+    pub ready_ms: Vec<(String, Vec<f64>)>,
+    /// system → peak RSS per proxy (bytes), read at the end.
+    pub peak_rss: Vec<(Which, Vec<u64>)>,
+}
+
+fn rotated(rep: usize) -> Vec<Which> {
+    let mut order = vec![Which::Baseline, Which::Musubi, Which::Envoy];
+    order.rotate_left(rep % 3);
+    order
+}
+
+pub async fn run(a: Args) -> Result<()> {
+    let (repeats, duration) = if a.quick {
+        (1, Duration::from_secs(1))
+    } else {
+        (a.repeats.max(1), a.duration)
+    };
+    load::fortio()?;
+    let pinned = sys::cores() > 1 && sys::pin(std::process::id(), topology::LOAD_CPUS);
+    let (_backend, b) = topology::backend().await?;
+    let server = ProxyPorts::on("127.0.0.12").await?;
+    let cp = ControlPlane::start(b, server.inbound).await?;
+    let (musubi, musubi_ready) = topology::musubi(&cp, b, &server).await?;
+    let (envoy, envoy_ready) = topology::envoy(&cp, b).await?;
+    let baseline = topology::baseline(b);
+    let systems = [&baseline, &musubi, &envoy];
+    let by = |w: Which| systems.iter().find(|s| s.which == w).copied();
+    let mut r = Results::default();
+
+    // Warm up every path (pools, handshakes) before measuring anything.
+    for s in systems {
+        for kind in [Kind::Http1, Kind::Grpc] {
+            let p = Point {
+                kind,
+                rps: 200,
+                connections: 16,
+            };
+            measure(s, p, Duration::from_secs(1)).await?;
+        }
+    }
+
+    for point in plan(a.quick) {
+        let mut per: Vec<(Which, Vec<Sample>)> = vec![];
+        for rep in 0..repeats {
+            for w in rotated(rep) {
+                let Some(s) = by(w) else { continue };
+                eprintln!("  {} · {} · run {}", point.label(), w.label(), rep + 1);
+                let sample = measure(s, point, duration).await?;
+                match per.iter_mut().find(|(x, _)| *x == w) {
+                    Some((_, v)) => v.push(sample),
+                    None => per.push((w, vec![sample])),
+                }
+            }
+        }
+        per.sort_by_key(|(w, _)| *w as u8);
+        for (w, v) in per {
+            r.latency.push((point, w, v));
+        }
+    }
+
+    // Capacity: raise the rate until p99 > baseline p99 + 1 ms, errors, or < 99 % achieved.
+    let step_len = if a.quick {
+        duration
+    } else {
+        Duration::from_secs(3)
+    };
+    let mut best: Vec<(Which, Option<u32>, bool)> =
+        vec![(Which::Musubi, None, false), (Which::Envoy, None, false)];
+    for rate in capacity_steps(a.quick) {
+        let point = Point {
+            kind: Kind::Http1,
+            rps: rate,
+            connections: 16,
+        };
+        eprintln!("  capacity · {rate} rps");
+        let base = measure(&baseline, point, step_len).await?.outcome;
+        for (w, last_ok, failed) in best.iter_mut().filter(|b| !b.2) {
+            let Some(s) = by(*w) else { continue };
+            let o = measure(s, point, step_len).await?.outcome;
+            if sustained(&o, rate, &base) {
+                *last_ok = Some(rate);
+            } else {
+                *failed = true;
+            }
+        }
+        if best.iter().all(|b| b.2) {
+            break;
+        }
+    }
+    r.capacity = best;
+
+    // Opaque TCP: bulk throughput and new mTLS connections per second.
+    let tcp_len = if a.quick {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_secs(3)
+    };
+    let mut thr: Vec<(String, Vec<f64>)> = vec![];
+    let mut hs: Vec<(String, Vec<f64>)> = vec![];
+    for rep in 0..repeats {
+        eprintln!("  opaque TCP · run {}", rep + 1);
+        push(
+            &mut thr,
+            "rustls alone",
+            tcp::rustls_alone(&cp.identity, tcp_len).await?,
+        );
+        for w in rotated(rep) {
+            let Some(s) = by(w) else { continue };
+            push(
+                &mut thr,
+                w.label(),
+                tcp::throughput(&s.targets, tcp_len).await?,
+            );
+            push(
+                &mut hs,
+                w.label(),
+                tcp::handshakes(&s.targets, 8, tcp_len).await?,
+            );
+        }
+    }
+    r.throughput = thr;
+    r.handshakes = hs;
+
+    // Start-to-ready: the two pair proxies, plus fresh ones.
+    let mut ready = musubi_ready
+        .iter()
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .collect::<Vec<_>>();
+    for _ in 0..repeats {
+        let ports = ProxyPorts::on("127.0.0.15").await?;
+        let (_child, t) = cp.proxy("client", &ports, "1").await?;
+        ready.push(t.as_secs_f64() * 1000.0);
+    }
+    r.ready_ms = vec![
+        ("musubi".into(), ready),
+        ("envoy".into(), vec![envoy_ready.as_secs_f64() * 1000.0]),
+    ];
+    for s in [&musubi, &envoy] {
+        let peaks = s
+            .proxies
+            .iter()
+            .map(|(_, pid)| sys::rss(*pid).map(|x| x.1).unwrap_or(0))
+            .collect();
+        r.peak_rss.push((s.which, peaks));
+    }
+
+    let md = report::markdown(&r, pinned);
+    println!("{md}");
+    if let Some(out) = a.out {
+        let doc = json!({
+            "machine": {
+                "host": sys::hostname(),
+                "cpu": sys::cpu_model(),
+                "cores": sys::cores(),
+                "pinned": pinned,
+            },
+            "versions": versions(),
+            "settings": { "repeats": repeats, "duration_s": duration.as_secs_f64(), "quick": a.quick },
+            "results": report::json(&r),
+        });
+        std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
+        eprintln!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+/// The capacity criterion: no errors, at least 99 % of the rate achieved, and p99 within 1 ms
+/// of the baseline's at the same rate.
+pub fn sustained(o: &Outcome, rate: u32, baseline: &Outcome) -> bool {
+    o.errors == 0 && o.achieved_rps >= 0.99 * f64::from(rate) && o.p99 <= baseline.p99 + 1.0
+}
+
+fn push(v: &mut Vec<(String, Vec<f64>)>, key: &str, x: f64) {
+    match v.iter_mut().find(|(k, _)| k == key) {
+        Some((_, xs)) => xs.push(x),
+        None => v.push((key.to_string(), vec![x])),
+    }
+}
+
+fn versions() -> serde_json::Value {
+    let first_line = |cmd: &mut std::process::Command| {
+        cmd.output()
+            .ok()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("")
+                    .trim()
+                    .to_string()
+            })
+            .unwrap_or_default()
+    };
+    let envoy =
+        first_line(std::process::Command::new(musubi_tests::envoy::binary()).arg("--version"));
+    let fortio = load::fortio()
+        .map(|f| first_line(std::process::Command::new(f).arg("version")))
+        .unwrap_or_default();
+    let git = first_line(std::process::Command::new("git").args(["rev-parse", "--short", "HEAD"]));
+    json!({
+        "musubi": format!("{} ({git})", env!("CARGO_PKG_VERSION")),
+        "envoy": envoy.rsplit("version: ").next().unwrap_or("").to_string(),
+        "fortio": fortio,
+        "key_exchange": envoy_config::KX_GROUP,
+    })
+}
