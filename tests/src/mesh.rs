@@ -152,11 +152,20 @@ pub struct Controller {
 
 impl Controller {
     pub async fn start(identity: &Identity, yaml: &str) -> Controller {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(identity, yaml, listener).await
+    }
+
+    /// Like [`Controller::start`], serving on a listener the caller bound.
+    pub async fn start_on(
+        identity: &Identity,
+        yaml: &str,
+        listener: tokio::net::TcpListener,
+    ) -> Controller {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mesh.yaml");
         std::fs::write(&path, yaml).unwrap();
         let source = musubi_controller::file::FileSource::load(&path).expect("mesh file loads");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut c = Controller {
             running: None,
