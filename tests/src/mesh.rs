@@ -162,6 +162,17 @@ impl Controller {
         yaml: &str,
         listener: tokio::net::TcpListener,
     ) -> Controller {
+        let store = identity.svid("musubi", "musubi-controller").await;
+        Self::start_with_svid(identity, yaml, listener, store)
+    }
+
+    /// Like [`Controller::start_on`], with an SVID the caller obtained.
+    pub fn start_with_svid(
+        identity: &Identity,
+        yaml: &str,
+        listener: tokio::net::TcpListener,
+        store: Arc<musubi_identity::CredentialStore>,
+    ) -> Controller {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mesh.yaml");
         std::fs::write(&path, yaml).unwrap();
@@ -175,12 +186,21 @@ impl Controller {
             addr,
             _dir: dir,
         };
-        c.serve(identity, listener).await;
+        c.serve_with(identity, listener, store);
         c
     }
 
     async fn serve(&mut self, identity: &Identity, listener: tokio::net::TcpListener) {
         let store = identity.svid("musubi", "musubi-controller").await;
+        self.serve_with(identity, listener, store);
+    }
+
+    fn serve_with(
+        &mut self,
+        identity: &Identity,
+        listener: tokio::net::TcpListener,
+        store: Arc<musubi_identity::CredentialStore>,
+    ) {
         let running = musubi_controller::start(musubi_controller::ControllerConfig {
             source: self.source.clone(),
             bundle: identity.ca.bundle.clone(),

@@ -108,6 +108,31 @@ impl Netns {
         .expect("netns thread")
     }
 
+    /// Runs `fut` to completion on a fresh single-threaded runtime whose thread is inside
+    /// this namespace (so its connections start here). Blocks the calling worker.
+    pub fn block_on<F>(&self, fut: F) -> F::Output
+    where
+        F: std::future::Future + Send,
+        F::Output: Send,
+    {
+        let path = format!("/run/netns/{}", self.name);
+        tokio::task::block_in_place(|| {
+            std::thread::scope(|s| {
+                s.spawn(move || {
+                    let file = std::fs::File::open(&path).expect("open netns");
+                    setns(&file, CloneFlags::CLONE_NEWNET).expect("setns");
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("runtime")
+                        .block_on(fut)
+                })
+                .join()
+                .expect("netns thread")
+            })
+        })
+    }
+
     /// A listener inside this namespace (call from within a Tokio runtime).
     pub fn listen(&self, addr: &str) -> tokio::net::TcpListener {
         let addr: SocketAddr = addr.parse().expect("listen address");
