@@ -36,6 +36,9 @@ pub fn skip_reason() -> Option<String> {
     {
         return Some("iptables-restore not found; install iptables".into());
     }
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        return Some("setpriv not found; install util-linux".into());
+    }
     None
 }
 
