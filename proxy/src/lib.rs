@@ -14,19 +14,24 @@ pub mod http;
 pub mod inbound;
 pub mod init;
 pub mod metrics;
+pub mod orig_dst;
 pub mod outbound;
 pub mod policy;
 pub mod pool;
 pub mod run;
 pub mod transport;
 
-/// Where a redirected connection was going (transparent mode).
+/// Where a redirected connection was going (transparent mode): the original destination
+/// from conntrack, or `None` when the connection reached the listener directly.
 pub(crate) fn orig_dst_addr(tcp: &tokio::net::TcpStream) -> Option<std::net::SocketAddr> {
-    // Replaced by SO_ORIGINAL_DST (see `orig_dst`) once transparent capture lands.
-    tcp.local_addr().ok()
+    orig_dst::original_dst(tcp)
 }
 
-/// The application port a redirected connection was for (transparent mode).
+/// The application port a connection to the inbound listener was for (transparent mode): the
+/// original destination's port when iptables redirected it, else the port it was sent to (a
+/// client that connected to the inbound listener directly).
 pub(crate) fn orig_dst_port(tcp: &tokio::net::TcpStream) -> Option<u16> {
-    orig_dst_addr(tcp).map(|a| a.port())
+    orig_dst_addr(tcp)
+        .or_else(|| tcp.local_addr().ok())
+        .map(|a| a.port())
 }

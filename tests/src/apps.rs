@@ -92,7 +92,11 @@ async fn describe(mut req: Request<Incoming>) -> Result<Response<Full<Bytes>>, I
 
 /// An HTTP server speaking HTTP/1.1 and HTTP/2 (prior knowledge) on one port.
 pub async fn http() -> App {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    http_on(TcpListener::bind("127.0.0.1:0").await.unwrap())
+}
+
+/// Like [`http`], on a listener the caller bound (e.g. inside a network namespace).
+pub fn http_on(listener: TcpListener) -> App {
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
         loop {

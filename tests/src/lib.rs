@@ -8,6 +8,7 @@ pub mod apps;
 pub mod envoy;
 pub mod grpc;
 pub mod mesh;
+pub mod netns;
 
 use musubi_identity::client::{self, RemoteCertSource, TokenSource};
 use musubi_identity::renew::{RenewPolicy, Renewal};

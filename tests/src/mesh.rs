@@ -152,11 +152,31 @@ pub struct Controller {
 
 impl Controller {
     pub async fn start(identity: &Identity, yaml: &str) -> Controller {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(identity, yaml, listener).await
+    }
+
+    /// Like [`Controller::start`], serving on a listener the caller bound.
+    pub async fn start_on(
+        identity: &Identity,
+        yaml: &str,
+        listener: tokio::net::TcpListener,
+    ) -> Controller {
+        let store = identity.svid("musubi", "musubi-controller").await;
+        Self::start_with_svid(identity, yaml, listener, store)
+    }
+
+    /// Like [`Controller::start_on`], with an SVID the caller obtained.
+    pub fn start_with_svid(
+        identity: &Identity,
+        yaml: &str,
+        listener: tokio::net::TcpListener,
+        store: Arc<musubi_identity::CredentialStore>,
+    ) -> Controller {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mesh.yaml");
         std::fs::write(&path, yaml).unwrap();
         let source = musubi_controller::file::FileSource::load(&path).expect("mesh file loads");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut c = Controller {
             running: None,
@@ -166,12 +186,21 @@ impl Controller {
             addr,
             _dir: dir,
         };
-        c.serve(identity, listener).await;
+        c.serve_with(identity, listener, store);
         c
     }
 
     async fn serve(&mut self, identity: &Identity, listener: tokio::net::TcpListener) {
         let store = identity.svid("musubi", "musubi-controller").await;
+        self.serve_with(identity, listener, store);
+    }
+
+    fn serve_with(
+        &mut self,
+        identity: &Identity,
+        listener: tokio::net::TcpListener,
+        store: Arc<musubi_identity::CredentialStore>,
+    ) {
         let running = musubi_controller::start(musubi_controller::ControllerConfig {
             source: self.source.clone(),
             bundle: identity.ca.bundle.clone(),
