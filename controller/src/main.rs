@@ -61,12 +61,7 @@ struct Args {
 
 fn main() {
     musubi_identity::crypto::install_default();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MUSUBI_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    musubi_identity::logging::init("info");
     let args = Args::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -10,6 +10,7 @@ pub mod cert;
 pub mod client;
 pub mod crypto;
 pub mod csr;
+pub mod logging;
 pub mod metrics;
 pub mod pem;
 pub mod renew;

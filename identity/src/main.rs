@@ -153,7 +153,7 @@ struct ServeArgs {
 
 fn main() {
     musubi_identity::crypto::install_default();
-    init_tracing();
+    musubi_identity::logging::init("info");
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -182,19 +182,6 @@ fn main() {
             1
         };
         std::process::exit(code);
-    }
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MUSUBI_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("MUSUBI_LOG_FORMAT").as_deref() == Ok("json") {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }
 

@@ -30,6 +30,9 @@ pub const CONTROLLER_IDENTITY: &str = "MUSUBI_PROXY_CONTROLLER_IDENTITY";
 pub const OPAQUE_PORTS: &str = "MUSUBI_PROXY_OPAQUE_PORTS";
 pub const DETECT_TIMEOUT: &str = "MUSUBI_PROXY_DETECT_TIMEOUT";
 pub const DRAIN_TIMEOUT: &str = "MUSUBI_PROXY_DRAIN_TIMEOUT";
+/// Runtime worker threads; 1 (the default, like one Envoy worker) runs everything on one
+/// thread with no cross-thread wakeups.
+pub const WORKERS: &str = "MUSUBI_PROXY_WORKERS";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CaptureMode {
@@ -56,6 +59,7 @@ pub struct Config {
     pub opaque_ports: BTreeSet<u16>,
     pub detect_timeout: Duration,
     pub drain_timeout: Duration,
+    pub workers: usize,
 }
 
 /// A bad configuration: the key and what is wrong with it.
@@ -189,6 +193,13 @@ impl Config {
             opaque_ports: opaque,
             detect_timeout: duration(src, DETECT_TIMEOUT, Duration::from_secs(5))?,
             drain_timeout: duration(src, DRAIN_TIMEOUT, Duration::from_secs(30))?,
+            workers: match src.get(WORKERS) {
+                None => 1,
+                Some(v) => match v.parse::<usize>() {
+                    Ok(n) if (1..=64).contains(&n) => n,
+                    _ => return Err(err(WORKERS, format!("{v:?}: expected 1-64"))),
+                },
+            },
         })
     }
 }
@@ -235,6 +246,8 @@ mod tests {
             (TRUST_DOMAIN, "a/b", "trust domain"),
             (DETECT_TIMEOUT, "soon", "soon"),
             (CONTROLLER_ADDR, "c:8090", "is required"),
+            (WORKERS, "0", "expected 1-64"),
+            (WORKERS, "many", "expected 1-64"),
         ];
         for (key, value, says) in cases {
             let mut m = base();

@@ -23,19 +23,6 @@ enum Command {
     Init(musubi_proxy::init::InitArgs),
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MUSUBI_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("MUSUBI_LOG_FORMAT").as_deref() == Ok("json") {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 fn main() {
     let cli = Cli::parse();
     match cli.command {
@@ -47,7 +34,7 @@ fn main() {
         }
         None | Some(Command::Run) => {
             musubi_identity::crypto::install_default();
-            init_tracing();
+            musubi_identity::logging::init("info");
             let config = match Config::from_source(&Env) {
                 Ok(c) => c,
                 Err(e) => {
@@ -55,10 +42,14 @@ fn main() {
                     std::process::exit(EXIT_CONFIG);
                 }
             };
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let mut builder = if config.workers == 1 {
+                tokio::runtime::Builder::new_current_thread()
+            } else {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                b.worker_threads(config.workers);
+                b
+            };
+            let rt = match builder.enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("musubi-proxy: cannot start the runtime: {e}");
