@@ -496,6 +496,10 @@ async fn tunnel<S>(
     copy_counted(&ctx, labels, &mut TokioIo::new(client), &mut upstream).await;
 }
 
+/// Buffer per direction for opaque streams: 64 KiB lets one read fill a whole TLS record
+/// (16 KiB) several times over instead of cutting the stream into 8 KiB pieces.
+const COPY_BUF: usize = 64 * 1024;
+
 /// Copies both ways, keeping the TCP metrics.
 pub async fn copy_counted<A, B>(ctx: &Ctx, labels: TcpLabels, a: &mut A, b: &mut B)
 where
@@ -505,7 +509,7 @@ where
     let m = &ctx.metrics;
     m.tcp_open.get_or_create(&labels).inc();
     m.tcp_active.get_or_create(&labels).inc();
-    let result = tokio::io::copy_bidirectional(a, b).await;
+    let result = tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUF, COPY_BUF).await;
     if let Ok((from_a, from_b)) = result {
         m.tcp_read_bytes.get_or_create(&labels).inc_by(from_a);
         m.tcp_write_bytes.get_or_create(&labels).inc_by(from_b);

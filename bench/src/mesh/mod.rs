@@ -147,14 +147,37 @@ async fn measure(sys_: &System, point: Point, duration: Duration) -> Result<Samp
     })
 }
 
+/// The highest rates a pair sustained; `*_limit_found` false means it passed every step tried
+/// (the figure is a lower bound).
+#[derive(Debug, Clone, Copy)]
+pub struct Capacity {
+    pub which: Which,
+    /// p99 ≤ baseline p99 + 1 ms, no errors, ≥ 99 % achieved.
+    pub latency_bound: Option<u32>,
+    pub latency_limit_found: bool,
+    /// No errors, ≥ 99 % achieved.
+    pub throughput_bound: Option<u32>,
+    pub throughput_limit_found: bool,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity {
+            which: Which::Musubi,
+            latency_bound: None,
+            latency_limit_found: false,
+            throughput_bound: None,
+            throughput_limit_found: false,
+        }
+    }
+}
+
 /// Everything one run measured.
 #[derive(Debug, Default)]
 pub struct Results {
     /// (point label, system) → samples, in plan order.
     pub latency: Vec<(Point, Which, Vec<Sample>)>,
-    /// system → highest rate sustained, and whether a higher step failed (false: it
-    /// sustained every step tried, so the figure is a lower bound).
-    pub capacity: Vec<(Which, Option<u32>, bool)>,
+    pub capacity: Vec<Capacity>,
     /// system → opaque throughput samples (Gbit/s); "rustls" for the reference.
     pub throughput: Vec<(String, Vec<f64>)>,
     /// system → new mTLS connections per second samples.
@@ -226,8 +249,16 @@ pub async fn run(a: Args) -> Result<()> {
     } else {
         Duration::from_secs(3)
     };
-    let mut best: Vec<(Which, Option<u32>, bool)> =
-        vec![(Which::Musubi, None, false), (Which::Envoy, None, false)];
+    // Two figures per system: the criterion (latency-bound), and the plain throughput
+    // bound (no errors, ≥ 99 % of the rate), which still separates the pairs when both have
+    // tails beyond baseline + 1 ms on this machine.
+    let mut best: Vec<Capacity> = [Which::Musubi, Which::Envoy]
+        .into_iter()
+        .map(|which| Capacity {
+            which,
+            ..Capacity::default()
+        })
+        .collect();
     for rate in capacity_steps(a.quick) {
         let point = Point {
             kind: Kind::Http1,
@@ -236,16 +267,23 @@ pub async fn run(a: Args) -> Result<()> {
         };
         eprintln!("  capacity · {rate} rps");
         let base = measure(&baseline, point, step_len).await?.outcome;
-        for (w, last_ok, failed) in best.iter_mut().filter(|b| !b.2) {
-            let Some(s) = by(*w) else { continue };
+        for c in best.iter_mut().filter(|c| !c.throughput_limit_found) {
+            let Some(s) = by(c.which) else { continue };
             let o = measure(s, point, step_len).await?.outcome;
-            if sustained(&o, rate, &base) {
-                *last_ok = Some(rate);
+            if !c.latency_limit_found {
+                if sustained(&o, rate, &base) {
+                    c.latency_bound = Some(rate);
+                } else {
+                    c.latency_limit_found = true;
+                }
+            }
+            if keeps_up(&o, rate) {
+                c.throughput_bound = Some(rate);
             } else {
-                *failed = true;
+                c.throughput_limit_found = true;
             }
         }
-        if best.iter().all(|b| b.2) {
+        if best.iter().all(|c| c.throughput_limit_found) {
             break;
         }
     }
@@ -329,7 +367,12 @@ pub async fn run(a: Args) -> Result<()> {
 /// The capacity criterion: no errors, at least 99 % of the rate achieved, and p99 within 1 ms
 /// of the baseline's at the same rate.
 pub fn sustained(o: &Outcome, rate: u32, baseline: &Outcome) -> bool {
-    o.errors == 0 && o.achieved_rps >= 0.99 * f64::from(rate) && o.p99 <= baseline.p99 + 1.0
+    keeps_up(o, rate) && o.p99 <= baseline.p99 + 1.0
+}
+
+/// No errors and at least 99 % of the rate achieved.
+pub fn keeps_up(o: &Outcome, rate: u32) -> bool {
+    o.errors == 0 && o.achieved_rps >= 0.99 * f64::from(rate)
 }
 
 fn push(v: &mut Vec<(String, Vec<f64>)>, key: &str, x: f64) {
@@ -365,4 +408,40 @@ fn versions() -> serde_json::Value {
         "fortio": fortio,
         "key_exchange": envoy_config::KX_GROUP,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacity_criteria() {
+        let base = Outcome {
+            p99: 0.5,
+            ..Outcome::default()
+        };
+        let o = |p99: f64, achieved_rps: f64, errors: u64| Outcome {
+            p99,
+            achieved_rps,
+            errors,
+            ..Outcome::default()
+        };
+        // (outcome, keeps up, sustained) at 1000 RPS
+        let cases = [
+            (o(1.4, 995.0, 0), true, true),
+            (o(1.6, 995.0, 0), true, false),
+            (o(1.0, 980.0, 0), false, false),
+            (o(1.0, 1000.0, 1), false, false),
+        ];
+        for (i, (out, up, sus)) in cases.iter().enumerate() {
+            assert_eq!(keeps_up(out, 1000), *up, "case {i}");
+            assert_eq!(sustained(out, 1000, &base), *sus, "case {i}");
+        }
+        assert_eq!(capacity_steps(true), vec![2000]);
+        assert!(
+            capacity_steps(false)
+                .windows(2)
+                .all(|w| w[1] == w[0] * 3 / 2)
+        );
+    }
 }
