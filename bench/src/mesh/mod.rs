@@ -201,7 +201,9 @@ pub async fn run(a: Args) -> Result<()> {
         (a.repeats.max(1), a.duration)
     };
     load::fortio()?;
-    let pinned = sys::cores() > 1 && sys::pin(std::process::id(), topology::LOAD_CPUS);
+    // Counted before pinning: afterwards this process sees only its own CPU.
+    let cores = sys::cores();
+    let pinned = cores > 1 && sys::pin(std::process::id(), topology::LOAD_CPUS);
     let (_backend, b) = topology::backend().await?;
     let server = ProxyPorts::on("127.0.0.12").await?;
     let cp = ControlPlane::start(b, server.inbound).await?;
@@ -351,7 +353,7 @@ pub async fn run(a: Args) -> Result<()> {
             "machine": {
                 "host": sys::hostname(),
                 "cpu": sys::cpu_model(),
-                "cores": sys::cores(),
+                "cores": cores,
                 "pinned": pinned,
             },
             "versions": versions(),
