@@ -34,16 +34,7 @@ fn main() {
     musubi_identity::crypto::install_default();
     musubi_identity::logging::init("warn");
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("musubi: cannot start the runtime: {e}");
-            std::process::exit(1);
-        }
-    };
+    let rt = musubi_identity::logging::runtime_or_exit("musubi");
     let result = rt.block_on(async {
         match cli.command {
             Command::Up(a) => up::up(a).await,

@@ -63,16 +63,7 @@ fn main() {
     musubi_identity::crypto::install_default();
     musubi_identity::logging::init("info");
     let args = Args::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("musubi-controller: {e}");
-            std::process::exit(1);
-        }
-    };
+    let rt = musubi_identity::logging::runtime_or_exit("musubi-controller");
     if let Err(e) = rt.block_on(run(args)) {
         eprintln!("musubi-controller: {e:#}");
         std::process::exit(EXIT_CONFIG);

@@ -1,5 +1,5 @@
-//! Logging setup shared by every Musubi binary: `MUSUBI_LOG` (tracing filter syntax) picks
-//! what is logged, `MUSUBI_LOG_FORMAT=json` switches to JSON lines; always on stderr.
+//! Process setup shared by every Musubi binary: logging (`MUSUBI_LOG` in tracing filter syntax,
+//! `MUSUBI_LOG_FORMAT=json` for JSON lines, always on stderr) and the async runtime.
 
 /// Installs the process-wide subscriber; `default` is the filter when `MUSUBI_LOG` is unset.
 pub fn init(default: &str) {
@@ -12,5 +12,20 @@ pub fn init(default: &str) {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+/// The multi-threaded runtime every control-plane binary runs on; a failure to create it ends
+/// the process with a line naming `bin` (nothing can be served without it).
+pub fn runtime_or_exit(bin: &str) -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{bin}: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
     }
 }
