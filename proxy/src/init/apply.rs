@@ -132,13 +132,12 @@ fn run_tool(names: &[String], args: &[&str], stdin: Option<&str>) -> Result<Stri
             }
             Err(error) => return Err(ExecError::Spawn { command, error }),
         };
-        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            pipe.write_all(text.as_bytes())
-                .map_err(|error| ExecError::Spawn {
-                    command: command.clone(),
-                    error,
-                })?;
-        }
+        // A tool that exits early (bad input) closes its stdin: the broken pipe matters less
+        // than what the tool said, so wait for it and report its stderr first.
+        let written = match (stdin, child.stdin.take()) {
+            (Some(text), Some(mut pipe)) => pipe.write_all(text.as_bytes()),
+            _ => Ok(()),
+        };
         let out = child.wait_with_output().map_err(|error| ExecError::Spawn {
             command: command.clone(),
             error,
@@ -149,6 +148,9 @@ fn run_tool(names: &[String], args: &[&str], stdin: Option<&str>) -> Result<Stri
                 status: out.status.to_string(),
                 stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
             });
+        }
+        if let Err(error) = written {
+            return Err(ExecError::Spawn { command, error });
         }
         return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }
