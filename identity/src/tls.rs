@@ -214,6 +214,8 @@ pub enum TlsConfigError {
     Verifier(String),
     #[error("cannot build the TLS configuration: {0}")]
     Config(#[from] Error),
+    #[error("cannot read the serving certificate or key: {0}")]
+    Pem(String),
 }
 
 /// Whether a server asks for client certificates.
@@ -285,6 +287,23 @@ pub fn client_config(
     };
     config.resumption = rustls::client::Resumption::disabled();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// A server config for an ordinary HTTPS endpoint the Kubernetes API server calls (the
+/// admission webhook): a certificate chain and key from PEM, no client certificates, TLS 1.2
+/// and 1.3 (what API servers speak).
+pub fn webhook_server_config(
+    chain_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<Arc<ServerConfig>, TlsConfigError> {
+    let chain = crate::pem::certs(chain_pem).map_err(|e| TlsConfigError::Pem(e.to_string()))?;
+    let key = crate::pem::private_key(key_pem).map_err(|e| TlsConfigError::Pem(e.to_string()))?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 

@@ -17,7 +17,10 @@ pub const CAPTURE_MODE: &str = "MUSUBI_PROXY_CAPTURE_MODE";
 /// where plaintext (PERMISSIVE) connections to the inbound listener go.
 pub const APP_PORTS: &str = "MUSUBI_PROXY_APP_PORTS";
 pub const TRUST_DOMAIN: &str = "MUSUBI_PROXY_TRUST_DOMAIN";
+/// Path of the trust anchors (PEM); or give the PEM itself in [`TRUST_ANCHORS_PEM`].
 pub const TRUST_ANCHORS: &str = "MUSUBI_PROXY_TRUST_ANCHORS";
+/// The trust anchors as PEM text (what the injector sets); wins over [`TRUST_ANCHORS`].
+pub const TRUST_ANCHORS_PEM: &str = "MUSUBI_PROXY_TRUST_ANCHORS_PEM";
 pub const NAMESPACE: &str = "MUSUBI_PROXY_NAMESPACE";
 pub const SERVICE_ACCOUNT: &str = "MUSUBI_PROXY_SERVICE_ACCOUNT";
 pub const TOKEN_FILE: &str = "MUSUBI_PROXY_TOKEN_FILE";
@@ -40,6 +43,32 @@ pub enum CaptureMode {
     Explicit,
 }
 
+/// Where the trust anchors come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrustAnchors {
+    File(PathBuf),
+    Pem(String),
+}
+
+impl TrustAnchors {
+    /// The PEM bytes, and a name for messages.
+    pub fn load(&self) -> Result<Vec<u8>, (String, String)> {
+        match self {
+            TrustAnchors::File(p) => {
+                std::fs::read(p).map_err(|e| (p.display().to_string(), e.to_string()))
+            }
+            TrustAnchors::Pem(pem) => Ok(pem.clone().into_bytes()),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            TrustAnchors::File(p) => p.display().to_string(),
+            TrustAnchors::Pem(_) => TRUST_ANCHORS_PEM.to_string(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub inbound: SocketAddr,
@@ -48,7 +77,7 @@ pub struct Config {
     pub mode: CaptureMode,
     pub app_ports: Vec<u16>,
     pub trust_domain: TrustDomain,
-    pub trust_anchors: PathBuf,
+    pub trust_anchors: TrustAnchors,
     pub id: SpiffeId,
     pub token_file: PathBuf,
     pub identity_addr: String,
@@ -184,7 +213,10 @@ impl Config {
             mode,
             app_ports,
             trust_domain,
-            trust_anchors: PathBuf::from(required(src, TRUST_ANCHORS)?),
+            trust_anchors: match src.get(TRUST_ANCHORS_PEM).filter(|p| !p.trim().is_empty()) {
+                Some(pem) => TrustAnchors::Pem(pem),
+                None => TrustAnchors::File(PathBuf::from(required(src, TRUST_ANCHORS)?)),
+            },
             id,
             token_file: PathBuf::from(required(src, TOKEN_FILE)?),
             identity_addr: required(src, IDENTITY_ADDR)?,
@@ -260,5 +292,22 @@ mod tests {
         assert_eq!(Config::from_source(&m).unwrap_err().key, APP_PORTS);
         m.remove(NAMESPACE);
         assert_eq!(Config::from_source(&m).unwrap_err().key, NAMESPACE);
+    }
+
+    #[test]
+    fn trust_anchors_from_a_file_or_inline() {
+        let c = Config::from_source(&base()).unwrap();
+        assert_eq!(c.trust_anchors, TrustAnchors::File("/anchors.pem".into()));
+        let mut m = base();
+        m.insert(TRUST_ANCHORS_PEM, "-----BEGIN CERTIFICATE-----");
+        let c = Config::from_source(&m).unwrap();
+        assert_eq!(
+            c.trust_anchors.load().unwrap(),
+            b"-----BEGIN CERTIFICATE-----"
+        );
+        m.remove(TRUST_ANCHORS);
+        assert!(Config::from_source(&m).is_ok(), "the PEM alone is enough");
+        m.insert(TRUST_ANCHORS_PEM, " ");
+        assert_eq!(Config::from_source(&m).unwrap_err().key, TRUST_ANCHORS);
     }
 }

@@ -78,13 +78,13 @@ pub struct StartOptions {
 /// Starts a proxy: binds its listeners, then obtains its certificate and serves.
 pub async fn start(config: Config, opts: StartOptions) -> Result<Running, StartError> {
     let source = opts.cert_source;
-    let anchors = std::fs::read(&config.trust_anchors).map_err(|e| StartError::Anchors {
-        path: config.trust_anchors.display().to_string(),
-        reason: e.to_string(),
-    })?;
+    let anchors = config
+        .trust_anchors
+        .load()
+        .map_err(|(path, reason)| StartError::Anchors { path, reason })?;
     let bundle = TrustBundle::from_pem(config.trust_domain.clone(), &anchors).map_err(|e| {
         StartError::Anchors {
-            path: config.trust_anchors.display().to_string(),
+            path: config.trust_anchors.describe(),
             reason: e.to_string(),
         }
     })?;

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support: fail loudly
 
+pub mod apiserver;
 pub mod apps;
 pub mod envoy;
 pub mod grpc;
