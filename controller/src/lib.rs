@@ -4,6 +4,7 @@
 
 mod conn;
 pub mod file;
+pub mod kubernetes;
 pub mod model;
 pub mod server;
 
@@ -91,7 +92,11 @@ pub fn start(cfg: ControllerConfig) -> Result<RunningController, String> {
         }
     });
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    // The server owns its source: a source that stops with its last owner (the Kubernetes
+    // watches) lives as long as the streams it feeds.
+    let source = cfg.source;
     let task = tokio::spawn(async move {
+        let _source = source;
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .add_service(DiscoveryServer::new(streams.clone()))

@@ -1,9 +1,12 @@
-//! `musubi-controller`: serves discovery and policy to the proxies from a mesh file.
+//! `musubi-controller`: serves discovery and policy to the proxies, from the Kubernetes API
+//! (in a cluster) or from a mesh file.
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use musubi_controller::file::FileSource;
-use musubi_controller::{ControllerConfig, identity, register_metrics, start};
+use musubi_controller::kubernetes::{KubeSource, KubeSourceConfig};
+use musubi_controller::model::Mtls;
+use musubi_controller::{ControllerConfig, DiscoverySource, identity, register_metrics, start};
 use musubi_identity::client::{self, RemoteCertSource, TokenSource};
 use musubi_identity::renew::{RenewPolicy, Renewal};
 use musubi_identity::{CredentialStore, SpiffeId, TrustBundle, TrustDomain};
@@ -21,9 +24,17 @@ const EXIT_CONFIG: i32 = 64;
     about = "Musubi controller: discovery and policy streams for the proxies"
 )]
 struct Args {
-    /// Mesh file (YAML, see docs/mesh-file.md); re-read when it changes.
+    /// Mesh file (YAML, see docs/mesh-file.md), re-read when it changes. Without it, the
+    /// controller watches the Kubernetes API (in-cluster config, else $KUBECONFIG).
     #[arg(long, env = "MUSUBI_CONTROLLER_CONFIG")]
-    config: PathBuf,
+    config: Option<PathBuf>,
+    /// (Kubernetes) Mesh-wide mTLS mode: STRICT or PERMISSIVE; namespaces and MeshTLS
+    /// objects override it.
+    #[arg(long, env = "MUSUBI_MTLS_MODE", default_value = "STRICT", value_parser = parse_mode)]
+    mtls_mode: Mtls,
+    /// (Kubernetes) The cluster's DNS domain.
+    #[arg(long, env = "MUSUBI_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    cluster_domain: String,
     /// How often to check the mesh file for changes.
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
     reload_interval: Duration,
@@ -59,6 +70,14 @@ struct Args {
     service_account: String,
 }
 
+fn parse_mode(v: &str) -> Result<Mtls, String> {
+    match v.to_ascii_uppercase().as_str() {
+        "STRICT" => Ok(Mtls::Strict),
+        "PERMISSIVE" => Ok(Mtls::Permissive),
+        _ => Err(format!("{v:?} is not STRICT or PERMISSIVE")),
+    }
+}
+
 fn main() {
     musubi_identity::crypto::install_default();
     musubi_identity::logging::init("info");
@@ -71,7 +90,6 @@ fn main() {
 }
 
 async fn run(a: Args) -> Result<()> {
-    let source = FileSource::load(&a.config)?;
     let td = TrustDomain::new(&a.trust_domain).context("--trust-domain")?;
     let anchors = std::fs::read(&a.trust_anchors)
         .with_context(|| format!("--trust-anchors {}", a.trust_anchors.display()))?;
@@ -98,7 +116,28 @@ async fn run(a: Args) -> Result<()> {
         .await
         .with_context(|| format!("--admin-listen {}", a.admin_listen))?;
     let mut registry = Registry::default();
-    register_metrics(&mut registry, &source);
+    let mut _file_watch = None;
+    let source: Arc<dyn DiscoverySource> = match &a.config {
+        Some(path) => {
+            let file = FileSource::load(path)?;
+            register_metrics(&mut registry, &file);
+            _file_watch = Some(file.spawn_watch(a.reload_interval));
+            file
+        }
+        None => {
+            let client = kube::Client::try_default()
+                .await
+                .context("Kubernetes client (in-cluster or $KUBECONFIG)")?;
+            KubeSource::start(KubeSourceConfig {
+                client,
+                trust_domain: a.trust_domain.clone(),
+                cluster_domain: a.cluster_domain.clone(),
+                mtls: a.mtls_mode,
+                initial_sync_timeout: Duration::from_secs(30),
+            })
+            .await
+        }
+    };
     musubi_identity::metrics::register_svid_expiry(
         &mut registry,
         "musubi_controller_certificate_expiry_seconds",
@@ -119,7 +158,6 @@ async fn run(a: Args) -> Result<()> {
         tokio::time::sleep(d).await;
     }
     tokio::spawn(renewal.run());
-    let _watch = source.spawn_watch(a.reload_interval);
     let running = start(ControllerConfig {
         source,
         bundle,

@@ -99,7 +99,7 @@ pub struct PortFile {
     pub allow: Option<Vec<AllowFile>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct AllowFile {
     pub identity: Option<String>,
@@ -118,6 +118,9 @@ pub struct MeshState {
     pub services: Vec<Service>,
     /// Keyed by (namespace, service account).
     pub workloads: BTreeMap<(String, String), Vec<ppb::PortPolicy>>,
+    /// A workload's mode for ports without a policy of their own (Kubernetes `MeshTLS` for a
+    /// service account); keyed by (namespace, service account).
+    pub workload_mtls: BTreeMap<(String, String), Mtls>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -163,7 +166,7 @@ fn protocol(p: Option<&str>, path: &str) -> Result<dpb::Protocol, Invalid> {
     })
 }
 
-fn rule(a: &AllowFile, path: &str) -> Result<ppb::AuthorizationRule, Invalid> {
+pub(crate) fn rule(a: &AllowFile, path: &str) -> Result<ppb::AuthorizationRule, Invalid> {
     use ppb::authorization_rule::Client;
     let client = match (&a.identity, &a.namespace, a.authenticated, a.any) {
         (Some(id), None, None, None) => {
@@ -187,7 +190,7 @@ fn rule(a: &AllowFile, path: &str) -> Result<ppb::AuthorizationRule, Invalid> {
     })
 }
 
-fn mtls_pb(m: Mtls) -> i32 {
+pub(crate) fn mtls_pb(m: Mtls) -> i32 {
     match m {
         Mtls::Strict => ppb::MtlsMode::Strict as i32,
         Mtls::Permissive => ppb::MtlsMode::Permissive as i32,
@@ -365,6 +368,7 @@ impl MeshFile {
                 .collect(),
             services,
             workloads,
+            workload_mtls: BTreeMap::new(),
         })
     }
 }
@@ -424,7 +428,16 @@ pub fn policy_for(state: &MeshState, id: &SpiffeId) -> ppb::InboundPolicy {
         .as_ref()
         .map(|w| w.namespace.clone())
         .unwrap_or_default();
-    let default_mode = state.namespace_mtls.get(&ns).copied().unwrap_or(state.mtls);
+    let namespace_mode = state.namespace_mtls.get(&ns).copied().unwrap_or(state.mtls);
+    let default_mode = names
+        .as_ref()
+        .and_then(|w| {
+            state
+                .workload_mtls
+                .get(&(w.namespace.clone(), w.service_account.clone()))
+        })
+        .copied()
+        .unwrap_or(namespace_mode);
     let ports = names
         .and_then(|w| {
             state

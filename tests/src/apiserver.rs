@@ -84,6 +84,10 @@ pub fn shared() -> Option<&'static ApiServer> {
     SHARED
         .get_or_init(|| {
             let Some(bin) = bin_dir() else {
+                assert!(
+                    std::env::var_os("MUSUBI_REQUIRE_K8S").is_none(),
+                    "MUSUBI_REQUIRE_K8S is set but kube-apiserver/etcd are not built (scripts/k8s-tools.sh)"
+                );
                 eprintln!(
                     "SKIPPED: kube-apiserver/etcd not built; run ./scripts/k8s-tools.sh (the test command does)"
                 );

@@ -73,12 +73,21 @@ async fn tokenreview_issues_for_a_real_token_and_refuses_another_accounts_csr() 
         .unwrap_err();
     assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
 
-    // A deleted service account's token stops working: the API server knows, JWKS would not.
+    // A deleted service account's token stops working: the API server knows (once its
+    // service-account cache has seen the deletion), an offline JWKS check would not.
     kube::Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(kube.clone(), &ns)
         .delete("api", &Default::default())
         .await
         .unwrap();
-    let refused = certify(&identity, csr_api, api_token).await.unwrap_err();
+    let refused = musubi_tests::eventually(
+        "the deleted service account's token to be refused",
+        std::time::Duration::from_secs(20),
+        || {
+            let (csr, token, identity) = (csr_api.clone(), api_token.clone(), &identity);
+            async move { certify(identity, csr, token).await.err() }
+        },
+    )
+    .await;
     assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
 }
 

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: fail loudly
 
+mod controller;
 mod identity;
 mod injector;
 mod support;
