@@ -19,6 +19,14 @@ enum Command {
     /// Run the whole mesh on this machine: identity service, controller, and a proxy in front of
     /// every service (a demo mesh, or your services with -f mesh.yaml).
     Up(up::UpArgs),
+    /// Add the Musubi proxy to the workloads in Kubernetes YAML (like the injector webhook does).
+    Inject(musubi::inject::InjectArgs),
+    /// Check Musubi in the current cluster: control plane, webhook, CRDs, certificates.
+    Check {
+        /// The control plane's namespace.
+        #[arg(long, default_value = "musubi-system")]
+        namespace: String,
+    },
     /// Run a proxy (configured by MUSUBI_PROXY_* variables), as `musubi up` does for each service.
     #[command(hide = true)]
     Proxy,
@@ -38,6 +46,8 @@ fn main() {
     let result = rt.block_on(async {
         match cli.command {
             Command::Up(a) => up::up(a).await,
+            Command::Inject(a) => musubi::inject::run(a).await,
+            Command::Check { namespace } => check(&namespace).await,
             Command::Proxy => proxy().await,
             Command::Demo { app } => demo::run(app).await,
         }
@@ -46,6 +56,24 @@ fn main() {
         eprintln!("musubi: {e:#}");
         std::process::exit(1);
     }
+}
+
+async fn check(namespace: &str) -> anyhow::Result<()> {
+    use musubi::check::Level;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach a cluster (in-cluster or $KUBECONFIG): {e}"))?;
+    let findings = musubi::check::run(&client, namespace, std::time::SystemTime::now()).await;
+    for f in &findings {
+        println!("{f}");
+    }
+    let worst = findings.iter().map(|f| f.level).max().unwrap_or(Level::Ok);
+    match worst {
+        Level::Fail => anyhow::bail!("some checks failed"),
+        Level::Warn => println!("\nStatus: ok, with warnings"),
+        Level::Ok => println!("\nStatus: ok"),
+    }
+    Ok(())
 }
 
 async fn proxy() -> anyhow::Result<()> {

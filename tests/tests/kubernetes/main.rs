@@ -7,4 +7,5 @@
 mod controller;
 mod identity;
 mod injector;
+mod install;
 mod support;

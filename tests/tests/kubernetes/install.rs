@@ -1,0 +1,222 @@
+//! The Helm chart installed into the real API server (`helm template` + server-side apply):
+//! every object accepted; then `musubi check` reads the installation, and flags an expired
+//! issuer.
+
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use musubi::check::{self, Level};
+use musubi_identity::TrustDomain;
+use musubi_identity::ca::{generate_issuer, generate_root};
+use musubi_tests::apiserver::ApiServer;
+use std::io::Write as _;
+use std::path::Path;
+use std::process::{Output, Stdio};
+use std::time::{Duration, SystemTime};
+
+const NS: &str = "musubi-system";
+const DAY: Duration = Duration::from_secs(86400);
+
+fn with_stdin(mut cmd: std::process::Command, input: &str) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn render(api: &ApiServer, files: &Path) -> String {
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/musubi");
+    let set_file = |k: &str, f: &str| format!("{k}={}", files.join(f).display());
+    let out = api
+        .tool("helm")
+        .args(["template", "musubi"])
+        .arg(&chart)
+        .args(["--namespace", NS, "--include-crds"])
+        // Other tests share this API server: a webhook for every namespace with no injector
+        // behind it must not refuse their pods.
+        .args(["--set", "injector.failurePolicy=Ignore"])
+        .args([
+            "--set-file",
+            &set_file("identity.trustAnchorsPEM", "ca.crt"),
+        ])
+        .args([
+            "--set-file",
+            &set_file("identity.issuer.crtPEM", "issuer.crt"),
+        ])
+        .args([
+            "--set-file",
+            &set_file("identity.issuer.keyPEM", "issuer.key"),
+        ])
+        .output()
+        .unwrap();
+    let lint = api
+        .tool("helm")
+        .arg("lint")
+        .arg(&chart)
+        .args([
+            "--set-file",
+            &set_file("identity.trustAnchorsPEM", "ca.crt"),
+        ])
+        .args([
+            "--set-file",
+            &set_file("identity.issuer.crtPEM", "issuer.crt"),
+        ])
+        .args([
+            "--set-file",
+            &set_file("identity.issuer.keyPEM", "issuer.key"),
+        ])
+        .output()
+        .unwrap();
+    let said = ok(&lint, "helm lint");
+    assert!(
+        said.contains("0 chart(s) failed") && !said.contains("[WARNING]"),
+        "{said}"
+    );
+    ok(&out, "helm template")
+}
+
+#[tokio::test]
+async fn chart_installs_and_check_flags_an_expired_issuer() {
+    let api = musubi_tests::api_server_or_skip!();
+    let kube = api.client().await;
+    let td = TrustDomain::new("cluster.local").unwrap();
+    let now = SystemTime::now();
+    let root = generate_root(&td, 3650 * DAY, now).unwrap();
+    let issuer = generate_issuer(&td, &root.cert_pem, &root.key_pem, 365 * DAY, now).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.crt"), &root.cert_pem).unwrap();
+    std::fs::write(dir.path().join("issuer.crt"), &issuer.cert_pem).unwrap();
+    std::fs::write(dir.path().join("issuer.key"), &issuer.key_pem).unwrap();
+
+    let manifests = render(api, dir.path());
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(NS.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<Namespace>::all(kube.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    let mut apply = api.tool("kubectl");
+    apply.args([
+        "apply",
+        "--server-side",
+        "--field-manager=musubi-test",
+        "-f",
+        "-",
+    ]);
+    let applied = ok(
+        &with_stdin(apply, &manifests),
+        "kubectl apply --server-side",
+    );
+    let objects = manifests
+        .split("\n---")
+        .filter(|d| d.lines().any(|l| l.starts_with("kind:")))
+        .count();
+    let accepted = applied
+        .lines()
+        .filter(|l| l.ends_with("serverside-applied"))
+        .count();
+    assert_eq!(
+        accepted, objects,
+        "every rendered object accepted:\n{applied}"
+    );
+    for kind in [
+        "customresourcedefinition.apiextensions.k8s.io/meshtls.policy.musubi.io",
+        "mutatingwebhookconfiguration.admissionregistration.k8s.io/musubi-injector",
+        "deployment.apps/musubi-identity",
+        "deployment.apps/musubi-controller",
+        "deployment.apps/musubi-injector",
+        "clusterrole.rbac.authorization.k8s.io/musubi-controller",
+        "poddisruptionbudget.policy/musubi-identity",
+        "secret/musubi-identity-issuer",
+        "secret/musubi-injector-tls",
+        "configmap/musubi-config",
+    ] {
+        assert!(applied.contains(kind), "{kind} missing from:\n{applied}");
+    }
+    // The stored injector config is what the injector parses.
+    let cm = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(kube.clone(), NS)
+        .get("musubi-config")
+        .await
+        .unwrap();
+    let cfg = musubi_injector::InjectConfig::parse(&cm.data.unwrap()["config.yaml"]).unwrap();
+    assert_eq!(cfg.control_plane_namespace, NS);
+    assert!(
+        cfg.trust_anchors_pem
+            .contains(root.cert_pem.lines().nth(1).unwrap())
+    );
+
+    let findings = check::run(&kube, NS, SystemTime::now()).await;
+    let level_of = |fs: &[check::Finding], what: &str| {
+        fs.iter()
+            .find(|f| f.what == what)
+            .unwrap_or_else(|| panic!("no finding {what:?} in {fs:#?}"))
+            .level
+    };
+    assert_eq!(
+        level_of(&findings, "CRD meshtls.policy.musubi.io"),
+        Level::Ok
+    );
+    assert_eq!(level_of(&findings, "issuer certificate"), Level::Ok);
+    assert_eq!(level_of(&findings, "trust anchor"), Level::Ok);
+    // No kubelet here: nothing runs, and check says so.
+    assert_eq!(
+        level_of(&findings, "deployment musubi-system/musubi-identity"),
+        Level::Fail
+    );
+    assert_eq!(level_of(&findings, "injector webhook"), Level::Fail);
+
+    // An expired issuer is flagged.
+    let long_ago = now - 400 * DAY;
+    let old_root = generate_root(&td, 3650 * DAY, long_ago).unwrap();
+    let expired = generate_issuer(
+        &td,
+        &old_root.cert_pem,
+        &old_root.key_pem,
+        30 * DAY,
+        long_ago,
+    )
+    .unwrap();
+    let patch = serde_json::json!({ "stringData": { "tls.crt": expired.cert_pem, "tls.key": expired.key_pem } });
+    Api::<Secret>::namespaced(kube.clone(), NS)
+        .patch(
+            "musubi-identity-issuer",
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await
+        .unwrap();
+    let findings = check::run(&kube, NS, SystemTime::now()).await;
+    let issuer = findings
+        .iter()
+        .find(|f| f.what == "issuer certificate")
+        .unwrap();
+    assert_eq!(issuer.level, Level::Fail, "{issuer}");
+    assert!(issuer.detail.starts_with("expired 3"), "{issuer}");
+
+    // Leave the shared API server without a cluster-wide webhook.
+    let mut del = api.tool("kubectl");
+    del.args(["delete", "mutatingwebhookconfiguration", "musubi-injector"]);
+    ok(&del.output().unwrap(), "kubectl delete webhook");
+}
