@@ -19,6 +19,9 @@ enum Command {
     /// Run the whole mesh on this machine: identity service, controller, and a proxy in front of
     /// every service (a demo mesh, or your services with -f mesh.yaml).
     Up(up::UpArgs),
+    /// Print the control plane's Kubernetes manifests (`musubi install | kubectl apply
+    /// --server-side -f -`), with a new trust anchor and issuer unless you give yours.
+    Install(musubi::install::InstallArgs),
     /// Add the Musubi proxy to the workloads in Kubernetes YAML (like the injector webhook does).
     Inject(musubi::inject::InjectArgs),
     /// Check Musubi in the current cluster: control plane, webhook, CRDs, certificates.
@@ -47,6 +50,7 @@ fn main() {
         match cli.command {
             Command::Up(a) => up::up(a).await,
             Command::Inject(a) => musubi::inject::run(a).await,
+            Command::Install(a) => musubi::install::run(a),
             Command::Check { namespace } => check(&namespace).await,
             Command::Proxy => proxy().await,
             Command::Demo { app } => demo::run(app).await,

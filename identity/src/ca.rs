@@ -144,6 +144,53 @@ pub fn generate_issuer(
     })
 }
 
+/// A serving certificate for an ordinary HTTPS endpoint (the admission webhook) and the
+/// self-signed CA that signed it (for the webhook configuration's `caBundle`).
+pub struct ServingCert {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// A fresh CA and a serving certificate for `dns_names` (ECDSA P-256).
+pub fn generate_serving_cert(
+    dns_names: &[String],
+    ttl: Duration,
+    now: SystemTime,
+) -> Result<ServingCert, CaError> {
+    let ca_key = new_p256_key()?;
+    let mut ca = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "musubi webhook CA");
+    ca.distinguished_name = dn;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca.not_before = (now - BACKDATE).into();
+    ca.not_after = (now + ttl).into();
+    ca.serial_number = Some(random_serial());
+    let ca_cert = ca
+        .self_signed(&ca_key)
+        .map_err(|e| CaError::Sign(e.to_string()))?;
+    let issuer = rcgen::Issuer::from_params(&ca, &ca_key);
+    let key = new_p256_key()?;
+    let mut leaf =
+        CertificateParams::new(dns_names.to_vec()).map_err(|e| CaError::Sign(e.to_string()))?;
+    leaf.is_ca = IsCa::ExplicitNoCa;
+    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    leaf.not_before = (now - BACKDATE).into();
+    leaf.not_after = (now + ttl).into();
+    leaf.serial_number = Some(random_serial());
+    let cert = leaf
+        .signed_by(&key, &issuer)
+        .map_err(|e| CaError::Sign(e.to_string()))?;
+    Ok(ServingCert {
+        ca_pem: ca_cert.pem(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
 /// An issued leaf with the chain a peer needs to verify it.
 #[derive(Debug, Clone)]
 pub struct IssuedLeaf {

@@ -215,8 +215,59 @@ async fn chart_installs_and_check_flags_an_expired_issuer() {
     assert_eq!(issuer.level, Level::Fail, "{issuer}");
     assert!(issuer.detail.starts_with("expired 3"), "{issuer}");
 
+    // `musubi install` prints the same chart, and the API server accepts all of it.
+    let printed = musubi::install::render(&musubi::install::generate(SystemTime::now()).unwrap());
+    let mut dry = api.tool("kubectl");
+    dry.args([
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "--dry-run=server",
+        "--field-manager=musubi-test",
+        "-f",
+        "-",
+    ]);
+    let said = ok(
+        &with_stdin(dry, &printed),
+        "musubi install | kubectl apply --dry-run=server",
+    );
+    assert!(
+        said.contains("namespace/musubi-system serverside-applied (server dry run)"),
+        "{said}"
+    );
+    assert!(
+        said.contains("deployment.apps/musubi-injector serverside-applied (server dry run)"),
+        "{said}"
+    );
+
     // Leave the shared API server without a cluster-wide webhook.
     let mut del = api.tool("kubectl");
     del.args(["delete", "mutatingwebhookconfiguration", "musubi-injector"]);
     ok(&del.output().unwrap(), "kubectl delete webhook");
+}
+
+/// The manifests `musubi install` embeds are what the chart renders today.
+#[test]
+fn musubi_install_embeds_the_current_chart() {
+    let Some(bin) = musubi_tests::apiserver::bin_dir() else {
+        assert!(
+            std::env::var_os("MUSUBI_REQUIRE_K8S").is_none(),
+            "helm not built"
+        );
+        eprintln!("SKIPPED: helm not built (scripts/k8s-tools.sh)");
+        return;
+    };
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/render-install.sh");
+    let status = std::process::Command::new(script)
+        .arg(out.path())
+        .env("MUSUBI_K8S_BIN", bin)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let fresh = std::fs::read_to_string(out.path()).unwrap();
+    assert!(
+        fresh == musubi::install::MANIFESTS,
+        "cli/src/install/manifests.yaml is stale: run scripts/render-install.sh"
+    );
 }
