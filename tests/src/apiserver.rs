@@ -47,6 +47,9 @@ pub struct ApiServer {
     /// PEM of the CA that signed the serving certificate (and client certificates).
     pub ca_pem: String,
     ca: (CertificateParams, KeyPair),
+    /// Asks the thread that owns the processes to restart kube-apiserver; it answers when the
+    /// new one is ready.
+    restart: std::sync::Mutex<Option<std::sync::mpsc::Sender<std::sync::mpsc::Sender<()>>>>,
 }
 
 impl ApiServer {
@@ -65,6 +68,20 @@ impl ApiServer {
         let path = self.dir.join(format!("kubeconfig-{user}"));
         std::fs::write(&path, kubeconfig_yaml(&self.url, &self.ca_pem, &cert, &key)).unwrap();
         path
+    }
+
+    /// Stops kube-apiserver and starts it again on the same port and etcd (the state survives);
+    /// returns once it is ready. Blocking: call it from `spawn_blocking` in async tests.
+    pub fn restart_apiserver(&self) {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        self.restart
+            .lock()
+            .unwrap()
+            .as_ref()
+            .expect("restart channel")
+            .send(done_tx)
+            .unwrap();
+        done_rx.recv().unwrap();
     }
 
     /// Runs a tool from the bin directory (`kubectl`, `helm`) with the admin kubeconfig.
@@ -96,12 +113,21 @@ pub fn shared() -> Option<&'static ApiServer> {
             let (tx, rx) = std::sync::mpsc::channel();
             // The children's parent-death signal fires when this thread ends: keep it alive.
             std::thread::spawn(move || {
-                let started = start(bin);
-                let children = started.1;
-                tx.send(started.0).unwrap();
-                let _keep = children;
-                loop {
-                    std::thread::park();
+                let (api, mut children, apiserver_args) = start(bin);
+                let (restart_tx, restart_rx) =
+                    std::sync::mpsc::channel::<std::sync::mpsc::Sender<()>>();
+                *api.restart.lock().unwrap() = Some(restart_tx);
+                let (bin, dir) = (api.bin.clone(), api.dir.clone());
+                tx.send(api).unwrap();
+                // The static keeps the sender, so this loop (and the thread) lives as long as
+                // the process.
+                while let Ok(done) = restart_rx.recv() {
+                    let _ = children[1].kill();
+                    let _ = children[1].wait();
+                    children[1] = spawn(&bin, "kube-apiserver", &apiserver_args, &dir);
+                    let api = SHARED.get().and_then(Option::as_ref).expect("started");
+                    wait_ready(api, &dir, &mut children);
+                    let _ = done.send(());
                 }
             });
             Some(rx.recv().unwrap())
@@ -181,7 +207,7 @@ fn spawn(bin: &Path, name: &str, args: &[String], dir: &Path) -> Child {
         .unwrap_or_else(|e| panic!("start {name}: {e}"))
 }
 
-fn start(bin: PathBuf) -> (ApiServer, Vec<Child>) {
+fn start(bin: PathBuf) -> (ApiServer, Vec<Child>, Vec<String>) {
     let dir = tempfile::Builder::new()
         .prefix("musubi-kube-")
         .tempdir()
@@ -225,31 +251,27 @@ fn start(bin: PathBuf) -> (ApiServer, Vec<Child>) {
         &dir,
     );
     let port = free_port();
-    let apiserver = spawn(
-        &bin,
-        "kube-apiserver",
-        &[
-            format!("--etcd-servers={etcd_url}"),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
-            // No `kubernetes` Service endpoints: the reconciler refuses a loopback address.
-            "--endpoint-reconciler-type=none".into(),
-            format!("--secure-port={port}"),
-            format!("--tls-cert-file={}", p("serving.crt")),
-            format!("--tls-private-key-file={}", p("serving.key")),
-            format!("--client-ca-file={}", p("ca.crt")),
-            format!("--service-account-issuer={SA_ISSUER}"),
-            format!("--service-account-key-file={}", p("sa.pub")),
-            format!("--service-account-signing-key-file={}", p("sa.key")),
-            format!("--api-audiences={SA_ISSUER}"),
-            "--service-cluster-ip-range=10.96.0.0/16".into(),
-            "--authorization-mode=RBAC".into(),
-            "--enable-admission-plugins=MutatingAdmissionWebhook,ValidatingAdmissionWebhook".into(),
-            format!("--cert-dir={}", p("certs")),
-            "--v=1".into(),
-        ],
-        &dir,
-    );
+    let apiserver_args: Vec<String> = vec![
+        format!("--etcd-servers={etcd_url}"),
+        "--bind-address=127.0.0.1".into(),
+        "--advertise-address=127.0.0.1".into(),
+        // No `kubernetes` Service endpoints: the reconciler refuses a loopback address.
+        "--endpoint-reconciler-type=none".into(),
+        format!("--secure-port={port}"),
+        format!("--tls-cert-file={}", p("serving.crt")),
+        format!("--tls-private-key-file={}", p("serving.key")),
+        format!("--client-ca-file={}", p("ca.crt")),
+        format!("--service-account-issuer={SA_ISSUER}"),
+        format!("--service-account-key-file={}", p("sa.pub")),
+        format!("--service-account-signing-key-file={}", p("sa.key")),
+        format!("--api-audiences={SA_ISSUER}"),
+        "--service-cluster-ip-range=10.96.0.0/16".into(),
+        "--authorization-mode=RBAC".into(),
+        "--enable-admission-plugins=MutatingAdmissionWebhook,ValidatingAdmissionWebhook".into(),
+        format!("--cert-dir={}", p("certs")),
+        "--v=1".into(),
+    ];
+    let apiserver = spawn(&bin, "kube-apiserver", &apiserver_args, &dir);
     let url = format!("https://127.0.0.1:{port}");
     let ca = (ca_params, ca_key);
     let (cert, key) = client_cert(&ca, "musubi-test-admin", &["system:masters"]);
@@ -262,10 +284,11 @@ fn start(bin: PathBuf) -> (ApiServer, Vec<Child>) {
         bin,
         ca_pem,
         ca,
+        restart: std::sync::Mutex::new(None),
     };
     let mut children = vec![etcd, apiserver];
     wait_ready(&api, &dir, &mut children);
-    (api, children)
+    (api, children, apiserver_args)
 }
 
 /// Waits for `/readyz` (all post-start hooks done: RBAC bootstrap roles, system namespaces).

@@ -3,13 +3,11 @@
 //! identities, an endpoint going away reaches the stream within a second, and namespace
 //! annotations and the policy CRDs (from the chart) reach the policy stream.
 
-use crate::support;
+use crate::support::{self, endpoint_summary, meshed_pod, next_matching, slice};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
-use musubi_controller::kubernetes::{KubeSource, KubeSourceConfig};
-use musubi_controller::model::Mtls;
-use musubi_proto::discovery::v1::{ServiceUpdate, WatchRequest, discovery_client::DiscoveryClient};
+use musubi_proto::discovery::v1::{WatchRequest, discovery_client::DiscoveryClient};
 use musubi_proto::policy::v1::{
     InboundPolicy, MtlsMode, PolicyRequest, authorization_rule::Client, policy_client::PolicyClient,
 };
@@ -18,7 +16,6 @@ use musubi_tests::apiserver::ApiServer;
 use serde_json::json;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use tonic::Streaming;
 
 /// Applies the chart's CRDs and waits until the API server serves them.
 fn install_crds(api: &ApiServer) {
@@ -50,73 +47,6 @@ fn install_crds(api: &ApiServer) {
     );
 }
 
-fn meshed_pod(name: &str, sa: &str, ip: &str) -> Pod {
-    serde_json::from_value(json!({
-        "metadata": { "name": name, "labels": { "app": "api" } },
-        "spec": {
-            "serviceAccountName": sa,
-            "initContainers": [{ "name": "musubi-proxy", "image": "proxy", "restartPolicy": "Always" }],
-            "containers": [{ "name": "app", "image": "api", "ports": [{ "containerPort": 8080 }] }],
-        },
-        "status": { "podIP": ip },
-    }))
-    .unwrap()
-}
-
-fn slice(ns: &str, endpoints: &[(&str, &str)]) -> EndpointSlice {
-    let eps: Vec<_> = endpoints
-        .iter()
-        .map(|(ip, pod)| {
-            json!({
-                "addresses": [ip],
-                "conditions": { "ready": true },
-                "targetRef": { "kind": "Pod", "namespace": ns, "name": pod },
-            })
-        })
-        .collect();
-    serde_json::from_value(json!({
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": { "name": "api-1", "labels": { "kubernetes.io/service-name": "api" } },
-        "addressType": "IPv4",
-        "ports": [{ "name": "http", "port": 8080, "protocol": "TCP" }],
-        "endpoints": eps,
-    }))
-    .unwrap()
-}
-
-async fn next_matching<T>(
-    stream: &mut Streaming<T>,
-    what: &str,
-    within: Duration,
-    mut pred: impl FnMut(&T) -> bool,
-) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let msg = tokio::time::timeout(left, stream.message())
-            .await
-            .unwrap_or_else(|_| panic!("no {what} within {within:?}"))
-            .unwrap()
-            .unwrap();
-        if pred(&msg) {
-            return msg;
-        }
-    }
-}
-
-fn endpoint_summary(u: &ServiceUpdate) -> Vec<(String, String)> {
-    u.service
-        .as_ref()
-        .map(|s| {
-            s.endpoints
-                .iter()
-                .map(|e| (e.address.clone(), e.identity.clone()))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[tokio::test]
 async fn kubernetes_objects_reach_the_discovery_and_policy_streams() {
     let api = musubi_tests::api_server_or_skip!();
@@ -128,22 +58,7 @@ async fn kubernetes_objects_reach_the_discovery_and_policy_streams() {
     }
 
     let identity = Identity::start().await;
-    let source = KubeSource::start(KubeSourceConfig {
-        client: kube.clone(),
-        trust_domain: "cluster.local".into(),
-        cluster_domain: "cluster.local".into(),
-        mtls: Mtls::Strict,
-        initial_sync_timeout: Duration::from_secs(30),
-    })
-    .await;
-    let controller_id = identity.id("musubi", "musubi-controller");
-    let running = musubi_controller::start(musubi_controller::ControllerConfig {
-        source,
-        bundle: identity.ca.bundle.clone(),
-        store: identity.svid("musubi", "musubi-controller").await,
-        listener: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    })
-    .unwrap();
+    let (running, controller_id) = support::start_controller(&kube, &identity).await;
     let addr = running.addr.to_string();
     let web_store = identity.svid(&ns, "web").await;
     let channel = musubi_proxy::control::channel(

@@ -1,9 +1,15 @@
 //! Small helpers over the admin client: namespaces, service accounts, tokens.
 
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ObjectMeta, PostParams};
+use musubi_proto::discovery::v1::ServiceUpdate;
+use serde_json::json;
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use tonic::Streaming;
 
 /// A namespace with a unique name starting with `prefix`, with these annotations and labels.
 pub async fn namespace(
@@ -76,4 +82,99 @@ pub async fn token(client: &kube::Client, ns: &str, sa: &str, audience: &str) ->
         .await
         .unwrap();
     answer.status.unwrap().token.unwrap()
+}
+
+pub fn meshed_pod(name: &str, sa: &str, ip: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": { "name": name, "labels": { "app": "api" } },
+        "spec": {
+            "serviceAccountName": sa,
+            "initContainers": [{ "name": "musubi-proxy", "image": "proxy", "restartPolicy": "Always" }],
+            "containers": [{ "name": "app", "image": "api", "ports": [{ "containerPort": 8080 }] }],
+        },
+        "status": { "podIP": ip },
+    }))
+    .unwrap()
+}
+
+pub fn slice(ns: &str, endpoints: &[(&str, &str)]) -> EndpointSlice {
+    let eps: Vec<_> = endpoints
+        .iter()
+        .map(|(ip, pod)| {
+            json!({
+                "addresses": [ip],
+                "conditions": { "ready": true },
+                "targetRef": { "kind": "Pod", "namespace": ns, "name": pod },
+            })
+        })
+        .collect();
+    serde_json::from_value(json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": { "name": "api-1", "labels": { "kubernetes.io/service-name": "api" } },
+        "addressType": "IPv4",
+        "ports": [{ "name": "http", "port": 8080, "protocol": "TCP" }],
+        "endpoints": eps,
+    }))
+    .unwrap()
+}
+
+pub async fn next_matching<T>(
+    stream: &mut Streaming<T>,
+    what: &str,
+    within: Duration,
+    mut pred: impl FnMut(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let msg = tokio::time::timeout(left, stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("no {what} within {within:?}"))
+            .unwrap()
+            .unwrap();
+        if pred(&msg) {
+            return msg;
+        }
+    }
+}
+
+pub fn endpoint_summary(u: &ServiceUpdate) -> Vec<(String, String)> {
+    u.service
+        .as_ref()
+        .map(|s| {
+            s.endpoints
+                .iter()
+                .map(|e| (e.address.clone(), e.identity.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The controller with a Kubernetes source over `kube`, serving on 127.0.0.1 with an SVID from
+/// `identity`; returns it and the identity clients must expect.
+pub async fn start_controller(
+    kube: &kube::Client,
+    identity: &musubi_tests::Identity,
+) -> (
+    musubi_controller::RunningController,
+    musubi_identity::SpiffeId,
+) {
+    use musubi_controller::kubernetes::{KubeSource, KubeSourceConfig};
+    let source = KubeSource::start(KubeSourceConfig {
+        client: kube.clone(),
+        trust_domain: "cluster.local".into(),
+        cluster_domain: "cluster.local".into(),
+        mtls: musubi_controller::model::Mtls::Strict,
+        initial_sync_timeout: Duration::from_secs(30),
+    })
+    .await;
+    let running = musubi_controller::start(musubi_controller::ControllerConfig {
+        source,
+        bundle: identity.ca.bundle.clone(),
+        store: identity.svid("musubi", "musubi-controller").await,
+        listener: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    })
+    .unwrap();
+    (running, identity.id("musubi", "musubi-controller"))
 }
