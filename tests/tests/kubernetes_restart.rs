@@ -8,14 +8,11 @@
 #[allow(dead_code)] // shared with the kubernetes test binary, which uses all of it
 mod support;
 
-use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, PostParams};
-use musubi_proto::discovery::v1::{WatchRequest, discovery_client::DiscoveryClient};
 use musubi_tests::Identity;
-use serde_json::json;
 use std::time::Duration;
-use support::{endpoint_summary, meshed_pod, next_matching, slice};
+use support::{endpoint_summary, next_matching, slice};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_survive_an_api_server_restart() {
@@ -25,44 +22,16 @@ async fn streams_survive_an_api_server_restart() {
     support::service_account(&kube, &ns, "api").await;
     let identity = Identity::start().await;
     let (running, controller_id) = support::start_controller(&kube, &identity).await;
-    let channel = musubi_proxy::control::channel(
-        &running.addr.to_string(),
-        &identity.ca.bundle,
-        identity.svid(&ns, "web").await,
-        controller_id,
+    let mut stream = support::discovery_watch(
+        &identity,
+        &running,
+        &controller_id,
+        (&ns, "web"),
+        format!("api.{ns}.svc.cluster.local:80"),
     )
-    .unwrap();
-    let mut stream = DiscoveryClient::new(channel)
-        .watch(WatchRequest {
-            target: format!("api.{ns}.svc.cluster.local:80"),
-            context_namespace: ns.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let pods = Api::<Pod>::namespaced(kube.clone(), &ns);
-    for (name, ip) in [("api-a", "10.1.0.1"), ("api-b", "10.1.0.2")] {
-        pods.create(&PostParams::default(), &meshed_pod(name, "api", ip))
-            .await
-            .unwrap();
-    }
-    let svc: Service = serde_json::from_value(json!({
-        "metadata": { "name": "api" },
-        "spec": { "ports": [{ "name": "http", "port": 80, "targetPort": 8080 }] },
-    }))
-    .unwrap();
-    Api::<Service>::namespaced(kube.clone(), &ns)
-        .create(&PostParams::default(), &svc)
-        .await
-        .unwrap();
+    .await;
+    support::api_service(&kube, &ns, &[("10.1.0.1", "api-a")]).await;
     let slices = Api::<EndpointSlice>::namespaced(kube.clone(), &ns);
-    slices
-        .create(
-            &PostParams::default(),
-            &slice(&ns, &[("10.1.0.1", "api-a")]),
-        )
-        .await
-        .unwrap();
     next_matching(&mut stream, "one endpoint", Duration::from_secs(10), |u| {
         endpoint_summary(u).len() == 1
     })

@@ -71,29 +71,8 @@ fn spawn_watch<K>(
 ) -> tokio::task::JoinHandle<()>
 where
     K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone + Default,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
 {
-    tokio::spawn(async move {
-        let stream = watcher(api, watcher::Config::default())
-            .default_backoff()
-            .reflect(writer);
-        futures_util::pin_mut!(stream);
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
-                Ok(_) => changed.notify_one(),
-                Err(e) => tracing::warn!(resource = what, error = %e, "watch failed; retrying"),
-            }
-        }
-    })
-}
-
-fn spawn_watch_dynamic(
-    api: Api<DynamicObject>,
-    writer: reflector::store::Writer<DynamicObject>,
-    what: &'static str,
-    changed: Arc<Notify>,
-) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let stream = watcher(api, watcher::Config::default())
             .default_backoff()
@@ -174,13 +153,13 @@ impl KubeSource {
                 changed.clone(),
             ),
             spawn_watch(Api::all(c.clone()), w_pods, "pods", changed.clone()),
-            spawn_watch_dynamic(
+            spawn_watch(
                 Api::all_with(c.clone(), &mtls_ar),
                 w_mtls,
                 "meshtls",
                 changed.clone(),
             ),
-            spawn_watch_dynamic(
+            spawn_watch(
                 Api::all_with(c.clone(), &authz_ar),
                 w_authz,
                 "authorizationpolicies",

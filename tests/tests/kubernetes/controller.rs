@@ -3,11 +3,10 @@
 //! identities, an endpoint going away reaches the stream within a second, and namespace
 //! annotations and the policy CRDs (from the chart) reach the policy stream.
 
-use crate::support::{self, endpoint_summary, meshed_pod, next_matching, slice};
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use crate::support::{self, endpoint_summary, next_matching, slice};
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
-use musubi_proto::discovery::v1::{WatchRequest, discovery_client::DiscoveryClient};
 use musubi_proto::policy::v1::{
     InboundPolicy, MtlsMode, PolicyRequest, authorization_rule::Client, policy_client::PolicyClient,
 };
@@ -60,48 +59,19 @@ async fn kubernetes_objects_reach_the_discovery_and_policy_streams() {
     let identity = Identity::start().await;
     let (running, controller_id) = support::start_controller(&kube, &identity).await;
     let addr = running.addr.to_string();
-    let web_store = identity.svid(&ns, "web").await;
-    let channel = musubi_proxy::control::channel(
-        &addr,
-        &identity.ca.bundle,
-        web_store,
-        controller_id.clone(),
+    let mut discovery = support::discovery_watch(
+        &identity,
+        &running,
+        &controller_id,
+        (&ns, "web"),
+        format!("api.{ns}.svc.cluster.local:80"),
     )
-    .unwrap();
-    let mut discovery = DiscoveryClient::new(channel)
-        .watch(WatchRequest {
-            target: format!("api.{ns}.svc.cluster.local:80"),
-            context_namespace: ns.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    .await;
 
     // Service + pods + EndpointSlice, as the endpoint controller would write them.
-    let pods = Api::<Pod>::namespaced(kube.clone(), &ns);
-    for (name, ip) in [("api-a", "10.1.0.1"), ("api-b", "10.1.0.2")] {
-        pods.create(&PostParams::default(), &meshed_pod(name, "api", ip))
-            .await
-            .unwrap();
-    }
-    let svc: Service = serde_json::from_value(json!({
-        "metadata": { "name": "api" },
-        "spec": { "selector": { "app": "api" }, "ports": [{ "name": "http", "port": 80, "targetPort": 8080, "appProtocol": "http" }] },
-    }))
-    .unwrap();
-    let svc = Api::<Service>::namespaced(kube.clone(), &ns)
-        .create(&PostParams::default(), &svc)
-        .await
-        .unwrap();
-    let cluster_ip = svc.spec.unwrap().cluster_ip.unwrap();
+    let cluster_ip =
+        support::api_service(&kube, &ns, &[("10.1.0.1", "api-a"), ("10.1.0.2", "api-b")]).await;
     let slices = Api::<EndpointSlice>::namespaced(kube.clone(), &ns);
-    slices
-        .create(
-            &PostParams::default(),
-            &slice(&ns, &[("10.1.0.1", "api-a"), ("10.1.0.2", "api-b")]),
-        )
-        .await
-        .unwrap();
     let api_id = format!("spiffe://cluster.local/ns/{ns}/sa/api");
     let both = next_matching(
         &mut discovery,
@@ -118,22 +88,14 @@ async fn kubernetes_objects_reach_the_discovery_and_policy_streams() {
         ]
     );
     // The Service's cluster IP resolves to the same service.
-    let mut by_ip = DiscoveryClient::new(
-        musubi_proxy::control::channel(
-            &addr,
-            &identity.ca.bundle,
-            identity.svid(&ns, "web").await,
-            controller_id.clone(),
-        )
-        .unwrap(),
+    let mut by_ip = support::discovery_watch(
+        &identity,
+        &running,
+        &controller_id,
+        (&ns, "web"),
+        format!("{cluster_ip}:80"),
     )
-    .watch(WatchRequest {
-        target: format!("{cluster_ip}:80"),
-        context_namespace: ns.clone(),
-    })
-    .await
-    .unwrap()
-    .into_inner();
+    .await;
     let first = by_ip.message().await.unwrap().unwrap();
     assert_eq!(first.service.unwrap().name, "api");
 

@@ -392,20 +392,7 @@ spec:
 }
 
 fn kubectl_apply_dry_run(api: &ApiServer, manifests: &str) -> std::process::Output {
-    use std::io::Write as _;
-    let mut child = api
-        .tool("kubectl")
-        .args(["apply", "--dry-run=server", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(manifests.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    let mut cmd = api.tool("kubectl");
+    cmd.args(["apply", "--dry-run=server", "-f", "-"]);
+    support::with_stdin(cmd, manifests)
 }

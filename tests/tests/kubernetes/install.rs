@@ -2,35 +2,19 @@
 //! every object accepted; then `musubi check` reads the installation, and flags an expired
 //! issuer.
 
+use crate::support::with_stdin;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use musubi::check::{self, Level};
 use musubi_identity::TrustDomain;
 use musubi_identity::ca::{generate_issuer, generate_root};
 use musubi_tests::apiserver::ApiServer;
-use std::io::Write as _;
 use std::path::Path;
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, SystemTime};
 
 const NS: &str = "musubi-system";
 const DAY: Duration = Duration::from_secs(86400);
-
-fn with_stdin(mut cmd: std::process::Command, input: &str) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
-}
 
 fn ok(out: &Output, what: &str) -> String {
     assert!(
@@ -43,7 +27,19 @@ fn ok(out: &Output, what: &str) -> String {
 
 fn render(api: &ApiServer, files: &Path) -> String {
     let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/musubi");
-    let set_file = |k: &str, f: &str| format!("{k}={}", files.join(f).display());
+    let certs: Vec<String> = [
+        ("identity.trustAnchorsPEM", "ca.crt"),
+        ("identity.issuer.crtPEM", "issuer.crt"),
+        ("identity.issuer.keyPEM", "issuer.key"),
+    ]
+    .iter()
+    .flat_map(|(k, f)| {
+        [
+            "--set-file".to_string(),
+            format!("{k}={}", files.join(f).display()),
+        ]
+    })
+    .collect();
     let out = api
         .tool("helm")
         .args(["template", "musubi"])
@@ -52,36 +48,14 @@ fn render(api: &ApiServer, files: &Path) -> String {
         // Other tests share this API server: a webhook for every namespace with no injector
         // behind it must not refuse their pods.
         .args(["--set", "injector.failurePolicy=Ignore"])
-        .args([
-            "--set-file",
-            &set_file("identity.trustAnchorsPEM", "ca.crt"),
-        ])
-        .args([
-            "--set-file",
-            &set_file("identity.issuer.crtPEM", "issuer.crt"),
-        ])
-        .args([
-            "--set-file",
-            &set_file("identity.issuer.keyPEM", "issuer.key"),
-        ])
+        .args(&certs)
         .output()
         .unwrap();
     let lint = api
         .tool("helm")
         .arg("lint")
         .arg(&chart)
-        .args([
-            "--set-file",
-            &set_file("identity.trustAnchorsPEM", "ca.crt"),
-        ])
-        .args([
-            "--set-file",
-            &set_file("identity.issuer.crtPEM", "issuer.crt"),
-        ])
-        .args([
-            "--set-file",
-            &set_file("identity.issuer.keyPEM", "issuer.key"),
-        ])
+        .args(&certs)
         .output()
         .unwrap();
     let said = ok(&lint, "helm lint");

@@ -178,3 +178,76 @@ pub async fn start_controller(
     .unwrap();
     (running, identity.id("musubi", "musubi-controller"))
 }
+
+/// Runs `cmd` with `input` on its stdin; returns what it said.
+pub fn with_stdin(mut cmd: std::process::Command, input: &str) -> std::process::Output {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// A discovery stream for `target`, as the workload `ns/sa` (an SVID from `identity`).
+pub async fn discovery_watch(
+    identity: &musubi_tests::Identity,
+    controller: &musubi_controller::RunningController,
+    controller_id: &musubi_identity::SpiffeId,
+    (ns, sa): (&str, &str),
+    target: String,
+) -> Streaming<ServiceUpdate> {
+    use musubi_proto::discovery::v1::{WatchRequest, discovery_client::DiscoveryClient};
+    let channel = musubi_proxy::control::channel(
+        &controller.addr.to_string(),
+        &identity.ca.bundle,
+        identity.svid(ns, sa).await,
+        controller_id.clone(),
+    )
+    .unwrap();
+    DiscoveryClient::new(channel)
+        .watch(WatchRequest {
+            target,
+            context_namespace: ns.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// What the endpoint controller would write for Service `api` (port 80 → 8080, appProtocol
+/// http) over two meshed pods api-a (10.1.0.1) and api-b (10.1.0.2) running as `api`: the
+/// pods, the Service, and EndpointSlice `api-1` with the `ready` ones of them. Returns the
+/// Service's cluster IP.
+pub async fn api_service(kube: &kube::Client, ns: &str, ready: &[(&str, &str)]) -> String {
+    use k8s_openapi::api::core::v1::Service;
+    let pods = Api::<Pod>::namespaced(kube.clone(), ns);
+    for (name, ip) in [("api-a", "10.1.0.1"), ("api-b", "10.1.0.2")] {
+        pods.create(&PostParams::default(), &meshed_pod(name, "api", ip))
+            .await
+            .unwrap();
+    }
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": { "name": "api" },
+        "spec": { "selector": { "app": "api" }, "ports": [{ "name": "http", "port": 80, "targetPort": 8080, "appProtocol": "http" }] },
+    }))
+    .unwrap();
+    let svc = Api::<Service>::namespaced(kube.clone(), ns)
+        .create(&PostParams::default(), &svc)
+        .await
+        .unwrap();
+    Api::<EndpointSlice>::namespaced(kube.clone(), ns)
+        .create(&PostParams::default(), &slice(ns, ready))
+        .await
+        .unwrap();
+    svc.spec.and_then(|s| s.cluster_ip).unwrap()
+}
