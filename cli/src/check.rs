@@ -168,7 +168,7 @@ pub async fn run(client: &kube::Client, ns: &str, now: SystemTime) -> Vec<Findin
         Err(e) => out.push(finding(Level::Fail, "trust anchor", e.to_string())),
     }
     out.push(issuer(client, ns, &deployments, now).await);
-    out.extend(proxies(client, ns, now).await);
+    out.extend(proxies(client, ns).await);
     out
 }
 
@@ -248,7 +248,7 @@ async fn issuer(
 }
 
 /// Meshed pods' certificates, read from each proxy's metrics through the API server.
-async fn proxies(client: &kube::Client, ns: &str, _now: SystemTime) -> Vec<Finding> {
+async fn proxies(client: &kube::Client, ns: &str) -> Vec<Finding> {
     let pods = Api::<Pod>::all(client.clone());
     let lp = ListParams::default().labels(&format!("musubi.io/control-plane-ns={ns}"));
     let list = match pods.list(&lp).await {

@@ -71,11 +71,7 @@ struct Args {
 }
 
 fn parse_mode(v: &str) -> Result<Mtls, String> {
-    match v.to_ascii_uppercase().as_str() {
-        "STRICT" => Ok(Mtls::Strict),
-        "PERMISSIVE" => Ok(Mtls::Permissive),
-        _ => Err(format!("{v:?} is not STRICT or PERMISSIVE")),
-    }
+    Mtls::parse(v).ok_or_else(|| format!("{v:?} is not STRICT or PERMISSIVE"))
 }
 
 fn main() {

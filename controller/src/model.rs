@@ -17,6 +17,17 @@ pub enum Mtls {
     Permissive,
 }
 
+impl Mtls {
+    /// `STRICT` or `PERMISSIVE`, in any case (flags, namespace annotations).
+    pub fn parse(v: &str) -> Option<Mtls> {
+        match v.to_ascii_uppercase().as_str() {
+            "STRICT" => Some(Mtls::Strict),
+            "PERMISSIVE" => Some(Mtls::Permissive),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct MeshFile {

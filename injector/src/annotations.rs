@@ -17,8 +17,6 @@ pub const PROXY_CPU_LIMIT: &str = "musubi.io/proxy-cpu-limit";
 pub const PROXY_MEMORY_REQUEST: &str = "musubi.io/proxy-memory-request";
 pub const PROXY_MEMORY_LIMIT: &str = "musubi.io/proxy-memory-limit";
 pub const PROXY_LOG_LEVEL: &str = "musubi.io/proxy-log-level";
-/// Namespace annotation: `STRICT` or `PERMISSIVE` for the namespace's workloads.
-pub const MTLS_MODE: &str = "musubi.io/mtls-mode";
 /// Set by the injector on the pods it patched.
 pub const PROXY_VERSION: &str = "musubi.io/proxy-version";
 pub const INJECTED_BY: &str = "musubi.io/injected-by";

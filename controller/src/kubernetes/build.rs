@@ -77,14 +77,6 @@ pub fn build(s: &Snapshot) -> (MeshState, Vec<String>) {
     (state, problems)
 }
 
-fn parse_mode(v: &str) -> Option<Mtls> {
-    match v.to_ascii_uppercase().as_str() {
-        "STRICT" => Some(Mtls::Strict),
-        "PERMISSIVE" => Some(Mtls::Permissive),
-        _ => None,
-    }
-}
-
 /// Namespace modes: the annotation, overridden by a namespace-wide `MeshTLS`.
 fn namespace_modes(s: &Snapshot, problems: &mut Vec<String>) -> BTreeMap<String, Mtls> {
     let mut out = BTreeMap::new();
@@ -98,7 +90,7 @@ fn namespace_modes(s: &Snapshot, problems: &mut Vec<String>) -> BTreeMap<String,
             .as_ref()
             .and_then(|a| a.get(MTLS_ANNOTATION))
         {
-            match parse_mode(v) {
+            match Mtls::parse(v) {
                 Some(m) => {
                     out.insert(name.clone(), m);
                 }

@@ -19,31 +19,16 @@ use std::time::{Duration, Instant};
 /// Applies the chart's CRDs and waits until the API server serves them.
 fn install_crds(api: &ApiServer) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/musubi/crds");
-    let out = api
-        .tool("kubectl")
-        .args(["apply", "--server-side", "-f"])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = api
-        .tool("kubectl")
-        .args(["wait", "--for=condition=Established", "--timeout=60s"])
+    let mut apply = api.tool("kubectl");
+    apply.args(["apply", "--server-side", "-f"]).arg(&dir);
+    support::ok(&apply.output().unwrap(), "kubectl apply (CRDs)");
+    let mut wait = api.tool("kubectl");
+    wait.args(["wait", "--for=condition=Established", "--timeout=60s"])
         .args([
             "crd/meshtls.policy.musubi.io",
             "crd/authorizationpolicies.policy.musubi.io",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        ]);
+    support::ok(&wait.output().unwrap(), "kubectl wait (CRDs)");
 }
 
 #[tokio::test]

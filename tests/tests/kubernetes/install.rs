@@ -2,7 +2,7 @@
 //! every object accepted; then `musubi check` reads the installation, and flags an expired
 //! issuer.
 
-use crate::support::with_stdin;
+use crate::support::{ok, with_stdin};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use musubi::check::{self, Level};
@@ -10,20 +10,10 @@ use musubi_identity::TrustDomain;
 use musubi_identity::ca::{generate_issuer, generate_root};
 use musubi_tests::apiserver::ApiServer;
 use std::path::Path;
-use std::process::Output;
 use std::time::{Duration, SystemTime};
 
 const NS: &str = "musubi-system";
 const DAY: Duration = Duration::from_secs(86400);
-
-fn ok(out: &Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn render(api: &ApiServer, files: &Path) -> String {
     let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/musubi");

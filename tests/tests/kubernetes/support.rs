@@ -251,3 +251,13 @@ pub async fn api_service(kube: &kube::Client, ns: &str, ready: &[(&str, &str)]) 
         .unwrap();
     svc.spec.and_then(|s| s.cluster_ip).unwrap()
 }
+
+/// Asserts that a tool succeeded (showing its stderr otherwise); returns its stdout.
+pub fn ok(out: &std::process::Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
