@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// Why a string is not an acceptable SPIFFE ID or trust domain.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -60,9 +61,40 @@ impl FromStr for TrustDomain {
     }
 }
 
-/// A validated SPIFFE ID.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SpiffeId(spiffe::SpiffeId);
+/// A validated SPIFFE ID. The URI text is kept alongside (shared, so clones are cheap): the
+/// proxy puts it in a metric label or a header on every request.
+#[derive(Debug, Clone)]
+pub struct SpiffeId {
+    id: spiffe::SpiffeId,
+    text: Arc<str>,
+}
+
+// Equality, hashing and order follow the URI text, which the parsed form determines.
+impl PartialEq for SpiffeId {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for SpiffeId {}
+
+impl std::hash::Hash for SpiffeId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.text.hash(state);
+    }
+}
+
+impl PartialOrd for SpiffeId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for SpiffeId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.text.cmp(&other.text)
+    }
+}
 
 /// The Kubernetes names a workload identity is made of.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -84,7 +116,8 @@ impl SpiffeId {
                 reason: "a workload ID needs a path; this names only the trust domain".into(),
             });
         }
-        Ok(SpiffeId(id))
+        let text = Arc::from(id.to_string());
+        Ok(SpiffeId { id, text })
     }
 
     /// `spiffe://<td>/ns/<namespace>/sa/<service_account>`, with both names checked as
@@ -102,19 +135,29 @@ impl SpiffeId {
     }
 
     pub fn trust_domain(&self) -> TrustDomain {
-        TrustDomain(self.0.trust_domain().clone())
+        TrustDomain(self.id.trust_domain().clone())
     }
 
     pub fn trust_domain_name(&self) -> &str {
-        self.0.trust_domain_name()
+        self.id.trust_domain_name()
     }
 
     pub fn path(&self) -> &str {
-        self.0.path()
+        self.id.path()
     }
 
     pub fn is_member_of(&self, td: &TrustDomain) -> bool {
-        self.0.is_member_of(&td.0)
+        self.id.is_member_of(&td.0)
+    }
+
+    /// The full URI.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The full URI, shared (a reference count, no copy).
+    pub fn shared(&self) -> Arc<str> {
+        self.text.clone()
     }
 
     /// The namespace and service account, when the path has the mesh's
@@ -138,13 +181,13 @@ impl SpiffeId {
 
     /// The full URI, as it appears in a certificate's SAN.
     pub fn uri(&self) -> String {
-        self.0.to_string()
+        self.text.to_string()
     }
 }
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.0, f)
+        f.write_str(&self.text)
     }
 }
 

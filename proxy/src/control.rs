@@ -117,6 +117,10 @@ impl Resolver {
                 }
             }
         };
+        // Known already (every request after the first): no timer to arm.
+        if let Some(r) = rx.borrow().as_ref() {
+            return Ok(r.clone());
+        }
         let answer = tokio::time::timeout(FIRST_ANSWER, rx.wait_for(Option::is_some)).await;
         match answer {
             Ok(Ok(r)) => r.clone().ok_or_else(|| NoAnswer(target.into())),

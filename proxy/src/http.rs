@@ -45,6 +45,10 @@ pub fn error_response(status: StatusCode, reason: &str) -> Response<Body> {
 
 /// Connection-specific headers, which HTTP/2 forbids and proxies must not forward.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the names instead of a lookup per name.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     // Headers named in `Connection` are hop-by-hop too.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -69,6 +73,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.get(header::TE).is_some_and(|v| v != "trailers") {
         headers.remove(header::TE);
     }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::PROXY_AUTHORIZATION
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::TE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
 }
 
 /// Whether a request asks to switch protocols (websockets and the like).
@@ -107,8 +121,31 @@ pub fn authority<B>(req: &http::Request<B>) -> Option<String> {
         .map(str::to_string)
 }
 
+/// `http://<authority><path and query of uri>`, reusing the already parsed path.
+pub fn absolute_uri(uri: &http::Uri, authority: &str) -> Result<http::Uri, http::Error> {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(authority.parse::<http::uri::Authority>()?);
+    parts.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    Ok(http::Uri::from_parts(parts)?)
+}
+
 /// `host:port`, adding the scheme's default port when the authority has none.
 pub fn with_port(authority: &str, default_port: u16) -> String {
+    // Fast path, the common case: `name:port` or `[v6]:port` with a numeric port.
+    if let Some((host, port)) = authority.rsplit_once(':')
+        && !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && port.parse::<u16>().is_ok()
+        && !host.is_empty()
+        && (!host.contains(':') || (host.starts_with('[') && host.ends_with(']')))
+    {
+        return authority.to_string();
+    }
     match authority.parse::<http::uri::Authority>() {
         Ok(a) if a.port_u16().is_some() => authority.to_string(),
         _ => format!("{authority}:{default_port}"),
@@ -159,9 +196,24 @@ mod tests {
             ("10.0.0.1:81", "10.0.0.1:81"),
             ("[::1]", "[::1]:80"),
             ("[::1]:8080", "[::1]:8080"),
+            ("api:", "api::80"),
+            ("api:99999", "api:99999:80"),
         ] {
             assert_eq!(with_port(input, 80), want, "{input}");
         }
+    }
+
+    #[test]
+    fn absolute_uri_table() {
+        for (uri, authority, want) in [
+            ("/a?b=1", "api:80", "http://api:80/a?b=1"),
+            ("http://other:81/x", "api:80", "http://api:80/x"),
+            ("/", "[::1]:8080", "http://[::1]:8080/"),
+        ] {
+            let got = absolute_uri(&uri.parse().unwrap(), authority).unwrap();
+            assert_eq!(got.to_string(), want, "{uri} {authority}");
+        }
+        assert!(absolute_uri(&"/".parse().unwrap(), "bad authority").is_err());
     }
 
     #[test]

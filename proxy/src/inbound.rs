@@ -6,14 +6,14 @@
 use crate::ctx::Ctx;
 use crate::http::{self as h, Body, error_response};
 use crate::metrics::{
-    AuthzLabels, INBOUND, LatencyLabels, ReasonLabels, RequestLabels, ResponseLabels, TcpLabels,
-    classify,
+    AuthzLabels, INBOUND, Label, LatencyLabels, ReasonLabels, RequestLabels, ResponseLabels,
+    TcpLabels, classify,
 };
 use crate::outbound::copy_counted;
 use crate::policy::{Decision, MtlsMode, Peer, authorize};
 use crate::pool::{ALPN, ALPN_H2};
 use crate::transport::{Header, Protocol};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::ServerConfig;
@@ -167,7 +167,7 @@ async fn connection(ctx: Arc<Ctx>, tcp: TcpStream, client: SocketAddr, tls: Arc<
     if hello == Hello::Plaintext {
         plaintext(ctx, tcp, port).await;
     } else {
-        opaque_to_app(&ctx, tcp, port, String::new(), false).await;
+        opaque_to_app(&ctx, tcp, port, Label::empty(), false).await;
     }
 }
 
@@ -275,15 +275,16 @@ async fn mesh(
                 tracing::info!(%client, %peer, port = header.port, "denied opaque connection");
                 return;
             }
-            opaque_to_app(&ctx, stream, header.port, peer.to_string(), true).await;
+            opaque_to_app(&ctx, stream, header.port, Label::from(peer.shared()), true).await;
         }
         Protocol::Http2 | Protocol::Http1 => {
             let svc_ctx = ctx.clone();
             let port = header.port;
+            let caller = Caller::new(Peer::Mesh(peer));
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let ctx = svc_ctx.clone();
-                let peer = Peer::Mesh(peer.clone());
-                async move { Ok::<_, std::convert::Infallible>(to_app(ctx, req, peer, port).await) }
+                let caller = caller.clone();
+                async move { Ok::<_, std::convert::Infallible>(to_app(ctx, req, caller, port).await) }
             });
             let io = TokioIo::new(stream);
             let result = if header.protocol == Protocol::Http2 {
@@ -326,14 +327,14 @@ async fn plaintext(ctx: Arc<Ctx>, tcp: TcpStream, port: u16) {
         .get_or_create(&labels)
         .observe(took.as_secs_f64());
     if detected == crate::detect::Detected::Opaque {
-        return opaque_to_app(&ctx, tcp, port, String::new(), false).await;
+        return opaque_to_app(&ctx, tcp, port, Label::empty(), false).await;
     }
     let svc_ctx = ctx.clone();
+    let caller = Caller::new(Peer::Unauthenticated);
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let ctx = svc_ctx.clone();
-        async move {
-            Ok::<_, std::convert::Infallible>(to_app(ctx, req, Peer::Unauthenticated, port).await)
-        }
+        let caller = caller.clone();
+        async move { Ok::<_, std::convert::Infallible>(to_app(ctx, req, caller, port).await) }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
@@ -344,7 +345,7 @@ async fn plaintext(ctx: Arc<Ctx>, tcp: TcpStream, port: u16) {
     };
 }
 
-async fn opaque_to_app<S>(ctx: &Ctx, mut downstream: S, port: u16, peer: String, tls: bool)
+async fn opaque_to_app<S>(ctx: &Ctx, mut downstream: S, port: u16, peer: Label, tls: bool)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -362,16 +363,45 @@ where
 }
 
 /// Forwards one request to the application on `port`, as the HTTP version the client app used.
+/// The caller on an inbound connection, with what every request on it needs computed once.
+struct Caller {
+    peer: Peer,
+    /// Metric label: the SPIFFE ID, or empty.
+    label: Label,
+    /// The `musubi-client-id` value handed to the application.
+    header: Option<HeaderValue>,
+}
+
+impl Caller {
+    fn new(peer: Peer) -> Arc<Self> {
+        let (label, header) = match &peer {
+            Peer::Mesh(id) => (
+                Label::from(id.shared()),
+                HeaderValue::from_str(id.as_str()).ok(),
+            ),
+            Peer::Unauthenticated => (Label::empty(), None),
+        };
+        Arc::new(Caller {
+            peer,
+            label,
+            header,
+        })
+    }
+}
+
 async fn to_app(
     ctx: Arc<Ctx>,
     mut req: Request<Incoming>,
-    peer: Peer,
+    caller: Arc<Caller>,
     port: u16,
 ) -> Response<Body> {
     let started = Instant::now();
-    let (peer_label, tls) = match &peer {
-        Peer::Mesh(id) => (id.to_string(), "true"),
-        Peer::Unauthenticated => (String::new(), "false"),
+    let peer = &caller.peer;
+    let peer_label = caller.label.clone();
+    let tls = if matches!(peer, Peer::Mesh(_)) {
+        "true"
+    } else {
+        "false"
     };
     let authority = h::authority(&req).unwrap_or_default();
     let authority_label = ctx.metrics.authorities.label(&authority);
@@ -384,13 +414,13 @@ async fn to_app(
             tls,
         })
         .inc();
-    let decision = authorize(&ctx.policy.borrow(), port, &peer, &ctx.config.trust_domain);
+    let decision = authorize(&ctx.policy.borrow(), port, peer, &ctx.config.trust_domain);
     count_authz(&ctx, port, decision);
     let resp = if decision != Decision::Allow {
         ctx.metrics.refused(INBOUND, "unauthorized");
         error_response(
             StatusCode::FORBIDDEN,
-            &format!("{} may not call port {port}", describe(&peer)),
+            &format!("{} may not call port {port}", describe(peer)),
         )
     } else {
         let upgrade = h::is_upgrade(&req);
@@ -399,10 +429,8 @@ async fn to_app(
         let orig = parts.headers.remove(h::ORIG_PROTO);
         let client_version = parts.version;
         parts.headers.remove(h::CLIENT_ID);
-        if let Peer::Mesh(id) = &peer
-            && let Ok(v) = id.to_string().parse()
-        {
-            parts.headers.insert(h::CLIENT_ID, v);
+        if let Some(v) = &caller.header {
+            parts.headers.insert(h::CLIENT_ID, v.clone());
         }
         let to_http1 = match orig.as_ref().and_then(|v| v.to_str().ok()) {
             Some("HTTP/1.0") | Some("HTTP/1.1") => true,

@@ -1,31 +1,68 @@
 //! The proxy's metrics: the dashboard contract. Every name and label is documented in
 //! `docs/metrics.md`; keep the two in step.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::collections::HashSet;
-use std::sync::Mutex;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
 
 pub const INBOUND: &str = "inbound";
 pub const OUTBOUND: &str = "outbound";
 
+/// A label value shared between requests: cloning it counts a reference, it copies nothing.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Label(Arc<str>);
+
+impl Label {
+    pub fn new(s: &str) -> Self {
+        Label(Arc::from(s))
+    }
+
+    pub fn empty() -> Self {
+        Label(Arc::from(""))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<Arc<str>> for Label {
+    fn from(s: Arc<str>) -> Self {
+        Label(s)
+    }
+}
+
+impl PartialEq<&str> for Label {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl EncodeLabelValue for Label {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(&self.0)
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub direction: &'static str,
-    pub authority: String,
-    pub peer_identity: String,
+    pub authority: Label,
+    pub peer_identity: Label,
     pub tls: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResponseLabels {
     pub direction: &'static str,
-    pub authority: String,
-    pub peer_identity: String,
+    pub authority: Label,
+    pub peer_identity: Label,
     pub tls: &'static str,
     pub status_code: u16,
     pub classification: &'static str,
@@ -34,14 +71,14 @@ pub struct ResponseLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LatencyLabels {
     pub direction: &'static str,
-    pub authority: String,
+    pub authority: Label,
     pub classification: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
     pub direction: &'static str,
-    pub peer_identity: String,
+    pub peer_identity: Label,
     pub tls: &'static str,
 }
 
@@ -66,8 +103,9 @@ pub struct AuthzLabels {
 /// Caps the number of distinct authorities used as label values; the rest become `other`.
 #[derive(Debug)]
 pub struct AuthorityCap {
-    seen: Mutex<HashSet<String>>,
+    seen: Mutex<HashSet<Arc<str>>>,
     max: usize,
+    other: Label,
 }
 
 impl AuthorityCap {
@@ -75,21 +113,23 @@ impl AuthorityCap {
         AuthorityCap {
             seen: Mutex::new(HashSet::new()),
             max,
+            other: Label::new("other"),
         }
     }
 
-    pub fn label(&self, authority: &str) -> String {
+    pub fn label(&self, authority: &str) -> Label {
         let Ok(mut seen) = self.seen.lock() else {
-            return "other".into();
+            return self.other.clone();
         };
-        if seen.contains(authority) {
-            return authority.to_string();
+        if let Some(known) = seen.get(authority) {
+            return Label(known.clone());
         }
         if seen.len() < self.max {
-            seen.insert(authority.to_string());
-            return authority.to_string();
+            let label: Arc<str> = Arc::from(authority);
+            seen.insert(label.clone());
+            return Label(label);
         }
-        "other".into()
+        self.other.clone()
     }
 }
 

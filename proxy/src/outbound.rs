@@ -7,9 +7,11 @@ use crate::control::Resolution;
 use crate::ctx::{Ctx, pick};
 use crate::destination::{Destination, Endpoint};
 use crate::http::{self as h, Body, error_response};
-use crate::metrics::{LatencyLabels, OUTBOUND, RequestLabels, ResponseLabels, TcpLabels, classify};
+use crate::metrics::{
+    Label, LatencyLabels, OUTBOUND, RequestLabels, ResponseLabels, TcpLabels, classify,
+};
 use crate::transport::{Header, Protocol};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::net::SocketAddr;
@@ -104,11 +106,7 @@ async fn transparent(ctx: Arc<Ctx>, tcp: TcpStream, client: SocketAddr) {
                 Ok(mut upstream) => {
                     let labels = TcpLabels {
                         direction: OUTBOUND,
-                        peer_identity: ep
-                            .identity
-                            .as_ref()
-                            .map(|i| i.to_string())
-                            .unwrap_or_default(),
+                        peer_identity: peer_label(&ep),
                         tls: "true",
                     };
                     copy_counted(&ctx, labels, &mut tcp, &mut upstream).await;
@@ -123,7 +121,7 @@ async fn transparent(ctx: Arc<Ctx>, tcp: TcpStream, client: SocketAddr) {
             Ok(mut upstream) => {
                 let labels = TcpLabels {
                     direction: OUTBOUND,
-                    peer_identity: String::new(),
+                    peer_identity: Label::empty(),
                     tls: "false",
                 };
                 copy_counted(&ctx, labels, &mut tcp, &mut upstream).await;
@@ -199,53 +197,69 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>, target: Option<String>) -
     }
 }
 
-fn record(
-    ctx: &Ctx,
-    authority: &str,
-    ep_id: &str,
-    tls: bool,
-    started: Instant,
-    resp: &Response<Body>,
-) {
-    let authority = ctx.metrics.authorities.label(authority);
-    let tls = if tls { "true" } else { "false" };
-    let classification = classify(
-        resp.status().as_u16(),
-        resp.headers()
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok()),
-    );
-    ctx.metrics
-        .responses
-        .get_or_create(&ResponseLabels {
-            direction: OUTBOUND,
-            authority: authority.clone(),
-            peer_identity: ep_id.to_string(),
-            tls,
-            status_code: resp.status().as_u16(),
-            classification,
-        })
-        .inc();
-    ctx.metrics
-        .latency
-        .get_or_create(&LatencyLabels {
-            direction: OUTBOUND,
-            authority,
-            classification,
-        })
-        .observe(started.elapsed().as_secs_f64());
+/// The labels one request's metrics carry, computed once per request.
+struct Stats {
+    authority: Label,
+    peer: Label,
+    tls: &'static str,
 }
 
-fn count_request(ctx: &Ctx, authority: &str, ep_id: &str, tls: bool) {
-    ctx.metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            direction: OUTBOUND,
+impl Stats {
+    fn new(ctx: &Ctx, authority: &str, peer: Label, tls: bool) -> Self {
+        Stats {
             authority: ctx.metrics.authorities.label(authority),
-            peer_identity: ep_id.to_string(),
+            peer,
             tls: if tls { "true" } else { "false" },
-        })
-        .inc();
+        }
+    }
+
+    fn count_request(&self, ctx: &Ctx) {
+        ctx.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                direction: OUTBOUND,
+                authority: self.authority.clone(),
+                peer_identity: self.peer.clone(),
+                tls: self.tls,
+            })
+            .inc();
+    }
+
+    fn record(self, ctx: &Ctx, started: Instant, resp: &Response<Body>) {
+        let classification = classify(
+            resp.status().as_u16(),
+            resp.headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok()),
+        );
+        ctx.metrics
+            .responses
+            .get_or_create(&ResponseLabels {
+                direction: OUTBOUND,
+                authority: self.authority.clone(),
+                peer_identity: self.peer,
+                tls: self.tls,
+                status_code: resp.status().as_u16(),
+                classification,
+            })
+            .inc();
+        ctx.metrics
+            .latency
+            .get_or_create(&LatencyLabels {
+                direction: OUTBOUND,
+                authority: self.authority,
+                classification,
+            })
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// The endpoint's identity as a metric label (empty outside the mesh).
+fn peer_label(ep: &Endpoint) -> Label {
+    ep.identity
+        .as_ref()
+        .map(|i| Label::from(i.shared()))
+        .unwrap_or_else(Label::empty)
 }
 
 /// Sends a request over the pooled HTTP/2 mTLS connection to the endpoint's proxy.
@@ -256,12 +270,8 @@ async fn forward(
     authority: String,
 ) -> Response<Body> {
     let started = Instant::now();
-    let ep_id = ep
-        .identity
-        .as_ref()
-        .map(|i| i.to_string())
-        .unwrap_or_default();
-    count_request(&ctx, &authority, &ep_id, true);
+    let stats = Stats::new(&ctx, &authority, peer_label(ep), true);
+    stats.count_request(&ctx);
     let (mut parts, body) = req.into_parts();
     let app_version = parts.version;
     if app_version != Version::HTTP_2
@@ -274,17 +284,7 @@ async fn forward(
     h::strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(http::header::HOST);
     parts.version = Version::HTTP_2;
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    parts.uri = match Uri::builder()
-        .scheme("http")
-        .authority(authority.as_str())
-        .path_and_query(path)
-        .build()
-    {
+    parts.uri = match h::absolute_uri(&parts.uri, &authority) {
         Ok(u) => u,
         Err(e) => {
             return error_response(StatusCode::BAD_REQUEST, &format!("bad request target: {e}"));
@@ -307,7 +307,7 @@ async fn forward(
             Err(e) => error_response(StatusCode::BAD_GATEWAY, &format!("peer proxy: {e}")),
         },
     };
-    record(&ctx, &authority, &ep_id, true, started, &resp);
+    stats.record(&ctx, started, &resp);
     resp
 }
 
@@ -321,12 +321,8 @@ async fn upgrade(
     authority: String,
 ) -> Response<Body> {
     let started = Instant::now();
-    let ep_id = ep
-        .identity
-        .as_ref()
-        .map(|i| i.to_string())
-        .unwrap_or_default();
-    count_request(&ctx, &authority, &ep_id, true);
+    let stats = Stats::new(&ctx, &authority, peer_label(ep), true);
+    stats.count_request(&ctx);
     let header = Header {
         port: ep.app_port,
         protocol: Protocol::Http1,
@@ -374,7 +370,7 @@ async fn upgrade(
     }
     let (parts, body) = resp.into_parts();
     let resp = Response::from_parts(parts, h::incoming(body));
-    record(&ctx, &authority, &ep_id, true, started, &resp);
+    stats.record(&ctx, started, &resp);
     resp
 }
 
@@ -386,7 +382,8 @@ async fn passthrough(
     connect_to: String,
 ) -> Response<Body> {
     let started = Instant::now();
-    count_request(&ctx, &authority, "", false);
+    let stats = Stats::new(&ctx, &authority, Label::empty(), false);
+    stats.count_request(&ctx);
     if h::is_upgrade(&req) {
         return error_response(
             StatusCode::NOT_IMPLEMENTED,
@@ -427,7 +424,7 @@ async fn passthrough(
         }
         Err(e) => error_response(StatusCode::BAD_GATEWAY, &format!("{authority}: {e}")),
     };
-    record(&ctx, &authority, "", false, started, &resp);
+    stats.record(&ctx, started, &resp);
     resp
 }
 
@@ -458,11 +455,7 @@ async fn connect_tunnel(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<B
                 Ok(s) => s,
                 Err(e) => return error_response(StatusCode::BAD_GATEWAY, &e.to_string()),
             };
-            let id = ep
-                .identity
-                .as_ref()
-                .map(|i| i.to_string())
-                .unwrap_or_default();
+            let id = peer_label(&ep);
             tokio::spawn(tunnel(ctx, on_upgrade, upstream, id, true));
         }
         Resolution::Unknown => {
@@ -472,7 +465,7 @@ async fn connect_tunnel(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<B
                     return error_response(StatusCode::BAD_GATEWAY, &format!("{target}: {e}"));
                 }
             };
-            tokio::spawn(tunnel(ctx, on_upgrade, upstream, String::new(), false));
+            tokio::spawn(tunnel(ctx, on_upgrade, upstream, Label::empty(), false));
         }
     }
     Response::new(h::full(""))
@@ -482,7 +475,7 @@ async fn tunnel<S>(
     ctx: Arc<Ctx>,
     on_upgrade: hyper::upgrade::OnUpgrade,
     mut upstream: S,
-    peer: String,
+    peer: Label,
     tls: bool,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,

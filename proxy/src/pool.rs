@@ -171,7 +171,8 @@ impl Connector {
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct Key {
     addr: SocketAddr,
-    identity: Option<SpiffeId>,
+    /// The SPIFFE ID's text, shared (the key is built on every request).
+    identity: Option<Arc<str>>,
     port: u16,
 }
 
@@ -199,7 +200,7 @@ impl H2Pool {
     ) -> Result<http2::SendRequest<Body>, ConnectError> {
         let key = Key {
             addr: ep.connect,
-            identity: ep.identity.clone(),
+            identity: ep.identity.as_ref().map(SpiffeId::shared),
             port: ep.app_port,
         };
         let slot = {

@@ -31,6 +31,35 @@ pub struct Args {
     /// Write the JSON result here (e.g. bench/results/<date>-<host>.json).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Measure only these latency points, `KIND:RPS:CONNECTIONS` (e.g. `http1:1000:16`;
+    /// repeatable), and skip capacity, opaque TCP and start-to-ready: for profiling one path.
+    #[arg(long = "point", value_parser = parse_point)]
+    pub points: Vec<Point>,
+}
+
+/// `KIND:RPS:CONNECTIONS`, e.g. `grpc:1000:16`.
+pub fn parse_point(s: &str) -> Result<Point, String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let [kind, rps, connections] = parts.as_slice() else {
+        return Err(format!("{s:?}: expected KIND:RPS:CONNECTIONS"));
+    };
+    let kind = match *kind {
+        "http1" => Kind::Http1,
+        "http2" => Kind::Http2,
+        "grpc" => Kind::Grpc,
+        k => return Err(format!("{k:?}: kind is http1, http2 or grpc")),
+    };
+    let number = |x: &str, what: &str| {
+        x.parse::<u32>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("{x:?}: {what} must be a positive integer"))
+    };
+    Ok(Point {
+        kind,
+        rps: number(rps, "RPS")?,
+        connections: number(connections, "connections")?,
+    })
 }
 
 /// One latency point of the plan.
@@ -226,7 +255,13 @@ pub async fn run(a: Args) -> Result<()> {
         }
     }
 
-    for point in plan(a.quick) {
+    let only_latency = !a.points.is_empty();
+    let points = if only_latency {
+        a.points.clone()
+    } else {
+        plan(a.quick)
+    };
+    for point in points {
         let mut per: Vec<(Which, Vec<Sample>)> = vec![];
         for rep in 0..repeats {
             for w in rotated(rep) {
@@ -243,6 +278,10 @@ pub async fn run(a: Args) -> Result<()> {
         for (w, v) in per {
             r.latency.push((point, w, v));
         }
+    }
+
+    if only_latency {
+        return finish(&r, pinned, cores, repeats, duration, &a);
     }
 
     // Capacity: raise the rate until p99 > baseline p99 + 1 ms, errors, or < 99 % achieved.
@@ -346,9 +385,20 @@ pub async fn run(a: Args) -> Result<()> {
         r.peak_rss.push((s.which, peaks));
     }
 
-    let md = report::markdown(&r, pinned);
-    println!("{md}");
-    if let Some(out) = a.out {
+    finish(&r, pinned, cores, repeats, duration, &a)
+}
+
+/// Prints the tables and writes the JSON file when asked.
+fn finish(
+    r: &Results,
+    pinned: bool,
+    cores: usize,
+    repeats: usize,
+    duration: Duration,
+    a: &Args,
+) -> Result<()> {
+    println!("{}", report::markdown(r, pinned));
+    if let Some(out) = &a.out {
         let doc = json!({
             "machine": {
                 "host": sys::hostname(),
@@ -358,9 +408,9 @@ pub async fn run(a: Args) -> Result<()> {
             },
             "versions": versions(),
             "settings": { "repeats": repeats, "duration_s": duration.as_secs_f64(), "quick": a.quick },
-            "results": report::json(&r),
+            "results": report::json(r),
         });
-        std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
+        std::fs::write(out, serde_json::to_string_pretty(&doc)?)?;
         eprintln!("wrote {}", out.display());
     }
     Ok(())
@@ -415,6 +465,21 @@ fn versions() -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn point_parsing() {
+        let p = parse_point("grpc:1000:16").unwrap();
+        assert_eq!((p.kind, p.rps, p.connections), (Kind::Grpc, 1000, 16));
+        for (bad, says) in [
+            ("http1:1000", "KIND:RPS:CONNECTIONS"),
+            ("tcp:1000:16", "kind is"),
+            ("http1:fast:16", "RPS must"),
+            ("http1:1000:0", "connections must"),
+        ] {
+            let e = parse_point(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn capacity_criteria() {
