@@ -5,10 +5,7 @@
 
 use crate::ctx::Ctx;
 use crate::http::{self as h, Body, error_response};
-use crate::metrics::{
-    AuthzLabels, INBOUND, Label, LatencyLabels, ReasonLabels, RequestLabels, ResponseLabels,
-    TcpLabels, classify,
-};
+use crate::metrics::{AuthzLabels, INBOUND, Label, ReasonLabels, RequestStats, TcpLabels};
 use crate::outbound::copy_counted;
 use crate::policy::{Decision, MtlsMode, Peer, authorize};
 use crate::pool::{ALPN, ALPN_H2};
@@ -397,23 +394,15 @@ async fn to_app(
 ) -> Response<Body> {
     let started = Instant::now();
     let peer = &caller.peer;
-    let peer_label = caller.label.clone();
-    let tls = if matches!(peer, Peer::Mesh(_)) {
-        "true"
-    } else {
-        "false"
-    };
     let authority = h::authority(&req).unwrap_or_default();
-    let authority_label = ctx.metrics.authorities.label(&authority);
-    ctx.metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            direction: INBOUND,
-            authority: authority_label.clone(),
-            peer_identity: peer_label.clone(),
-            tls,
-        })
-        .inc();
+    let stats = RequestStats::new(
+        &ctx.metrics,
+        INBOUND,
+        &authority,
+        caller.label.clone(),
+        matches!(peer, Peer::Mesh(_)),
+    );
+    stats.count_request(&ctx.metrics);
     let decision = authorize(&ctx.policy.borrow(), port, peer, &ctx.config.trust_domain);
     count_authz(&ctx, port, decision);
     let resp = if decision != Decision::Allow {
@@ -499,31 +488,7 @@ async fn to_app(
             }
         }
     };
-    let classification = classify(
-        resp.status().as_u16(),
-        resp.headers()
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok()),
-    );
-    ctx.metrics
-        .responses
-        .get_or_create(&ResponseLabels {
-            direction: INBOUND,
-            authority: authority_label.clone(),
-            peer_identity: peer_label,
-            tls,
-            status_code: resp.status().as_u16(),
-            classification,
-        })
-        .inc();
-    ctx.metrics
-        .latency
-        .get_or_create(&LatencyLabels {
-            direction: INBOUND,
-            authority: authority_label,
-            classification,
-        })
-        .observe(started.elapsed().as_secs_f64());
+    stats.record(&ctx.metrics, started, &resp);
     resp
 }
 

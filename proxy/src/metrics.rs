@@ -10,6 +10,7 @@ use prometheus_client::registry::Registry;
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 pub const INBOUND: &str = "inbound";
 pub const OUTBOUND: &str = "outbound";
@@ -258,6 +259,74 @@ impl Metrics {
         self.refused
             .get_or_create(&ReasonLabels { direction, reason })
             .inc();
+    }
+}
+
+/// The labels of one HTTP request's metrics, computed once per request.
+pub struct RequestStats {
+    direction: &'static str,
+    authority: Label,
+    peer: Label,
+    tls: &'static str,
+}
+
+impl RequestStats {
+    /// `peer` is the other side's SPIFFE ID (empty when there is none).
+    pub fn new(
+        metrics: &Metrics,
+        direction: &'static str,
+        authority: &str,
+        peer: Label,
+        tls: bool,
+    ) -> Self {
+        RequestStats {
+            direction,
+            authority: metrics.authorities.label(authority),
+            peer,
+            tls: if tls { "true" } else { "false" },
+        }
+    }
+
+    pub fn count_request(&self, metrics: &Metrics) {
+        metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                direction: self.direction,
+                authority: self.authority.clone(),
+                peer_identity: self.peer.clone(),
+                tls: self.tls,
+            })
+            .inc();
+    }
+
+    /// The response (by status and classification) and the latency since `started`.
+    pub fn record<B>(self, metrics: &Metrics, started: Instant, resp: &http::Response<B>) {
+        let status = resp.status().as_u16();
+        let classification = classify(
+            status,
+            resp.headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok()),
+        );
+        metrics
+            .responses
+            .get_or_create(&ResponseLabels {
+                direction: self.direction,
+                authority: self.authority.clone(),
+                peer_identity: self.peer,
+                tls: self.tls,
+                status_code: status,
+                classification,
+            })
+            .inc();
+        metrics
+            .latency
+            .get_or_create(&LatencyLabels {
+                direction: self.direction,
+                authority: self.authority,
+                classification,
+            })
+            .observe(started.elapsed().as_secs_f64());
     }
 }
 

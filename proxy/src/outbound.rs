@@ -7,9 +7,7 @@ use crate::control::Resolution;
 use crate::ctx::{Ctx, pick};
 use crate::destination::{Destination, Endpoint};
 use crate::http::{self as h, Body, error_response};
-use crate::metrics::{
-    Label, LatencyLabels, OUTBOUND, RequestLabels, ResponseLabels, TcpLabels, classify,
-};
+use crate::metrics::{Label, OUTBOUND, RequestStats, TcpLabels};
 use crate::transport::{Header, Protocol};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
@@ -197,63 +195,6 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>, target: Option<String>) -
     }
 }
 
-/// The labels one request's metrics carry, computed once per request.
-struct Stats {
-    authority: Label,
-    peer: Label,
-    tls: &'static str,
-}
-
-impl Stats {
-    fn new(ctx: &Ctx, authority: &str, peer: Label, tls: bool) -> Self {
-        Stats {
-            authority: ctx.metrics.authorities.label(authority),
-            peer,
-            tls: if tls { "true" } else { "false" },
-        }
-    }
-
-    fn count_request(&self, ctx: &Ctx) {
-        ctx.metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                direction: OUTBOUND,
-                authority: self.authority.clone(),
-                peer_identity: self.peer.clone(),
-                tls: self.tls,
-            })
-            .inc();
-    }
-
-    fn record(self, ctx: &Ctx, started: Instant, resp: &Response<Body>) {
-        let classification = classify(
-            resp.status().as_u16(),
-            resp.headers()
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok()),
-        );
-        ctx.metrics
-            .responses
-            .get_or_create(&ResponseLabels {
-                direction: OUTBOUND,
-                authority: self.authority.clone(),
-                peer_identity: self.peer,
-                tls: self.tls,
-                status_code: resp.status().as_u16(),
-                classification,
-            })
-            .inc();
-        ctx.metrics
-            .latency
-            .get_or_create(&LatencyLabels {
-                direction: OUTBOUND,
-                authority: self.authority,
-                classification,
-            })
-            .observe(started.elapsed().as_secs_f64());
-    }
-}
-
 /// The endpoint's identity as a metric label (empty outside the mesh).
 fn peer_label(ep: &Endpoint) -> Label {
     ep.identity
@@ -270,8 +211,8 @@ async fn forward(
     authority: String,
 ) -> Response<Body> {
     let started = Instant::now();
-    let stats = Stats::new(&ctx, &authority, peer_label(ep), true);
-    stats.count_request(&ctx);
+    let stats = RequestStats::new(&ctx.metrics, OUTBOUND, &authority, peer_label(ep), true);
+    stats.count_request(&ctx.metrics);
     let (mut parts, body) = req.into_parts();
     let app_version = parts.version;
     if app_version != Version::HTTP_2
@@ -307,7 +248,7 @@ async fn forward(
             Err(e) => error_response(StatusCode::BAD_GATEWAY, &format!("peer proxy: {e}")),
         },
     };
-    stats.record(&ctx, started, &resp);
+    stats.record(&ctx.metrics, started, &resp);
     resp
 }
 
@@ -321,8 +262,8 @@ async fn upgrade(
     authority: String,
 ) -> Response<Body> {
     let started = Instant::now();
-    let stats = Stats::new(&ctx, &authority, peer_label(ep), true);
-    stats.count_request(&ctx);
+    let stats = RequestStats::new(&ctx.metrics, OUTBOUND, &authority, peer_label(ep), true);
+    stats.count_request(&ctx.metrics);
     let header = Header {
         port: ep.app_port,
         protocol: Protocol::Http1,
@@ -370,7 +311,7 @@ async fn upgrade(
     }
     let (parts, body) = resp.into_parts();
     let resp = Response::from_parts(parts, h::incoming(body));
-    stats.record(&ctx, started, &resp);
+    stats.record(&ctx.metrics, started, &resp);
     resp
 }
 
@@ -382,8 +323,8 @@ async fn passthrough(
     connect_to: String,
 ) -> Response<Body> {
     let started = Instant::now();
-    let stats = Stats::new(&ctx, &authority, Label::empty(), false);
-    stats.count_request(&ctx);
+    let stats = RequestStats::new(&ctx.metrics, OUTBOUND, &authority, Label::empty(), false);
+    stats.count_request(&ctx.metrics);
     if h::is_upgrade(&req) {
         return error_response(
             StatusCode::NOT_IMPLEMENTED,
@@ -424,7 +365,7 @@ async fn passthrough(
         }
         Err(e) => error_response(StatusCode::BAD_GATEWAY, &format!("{authority}: {e}")),
     };
-    stats.record(&ctx, started, &resp);
+    stats.record(&ctx.metrics, started, &resp);
     resp
 }
 
