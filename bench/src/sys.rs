@@ -63,14 +63,72 @@ pub fn cores() -> usize {
 
 /// Pins a process (all its threads) to `cpus` with taskset, when there is more than one core.
 pub fn pin(pid: u32, cpus: &str) -> bool {
-    cores() > 1
-        && std::process::Command::new("taskset")
-            .args(["-a", "-p", "-c", cpus, &pid.to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
+    cores() > 1 && taskset(pid, cpus)
+}
+
+fn taskset(pid: u32, cpus: &str) -> bool {
+    std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// A kernel thread moved off the proxies' CPU for the run, and where it was allowed before.
+#[derive(Debug, Clone)]
+pub struct MovedThread {
+    pub pid: u32,
+    pub name: String,
+    pub was: String,
+}
+
+/// Moves kernel threads whose name starts with one of `prefixes` to `cpus` (e.g. `kdamond`,
+/// the DAMON monitor, which wakes every ~0.5 s and runs for 1-5 ms: on the proxies' CPU it
+/// stalls both proxies of a pair for that long). Only kernel threads (empty command line).
+pub fn move_kernel_threads(prefixes: &[&str], cpus: &str) -> Vec<MovedThread> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    let mut moved = vec![];
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let read = |f: &str| std::fs::read_to_string(format!("/proc/{pid}/{f}")).ok();
+        let Some(name) = read("comm").map(|c| c.trim().to_string()) else {
+            continue;
+        };
+        let kernel_thread = read("cmdline").is_some_and(|c| c.is_empty());
+        if !kernel_thread || !prefixes.iter().any(|p| name.starts_with(p)) {
+            continue;
+        }
+        let was = read("status").and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|v| v.trim().to_string())
+        });
+        // `taskset`, not `pin`: the caller has usually pinned itself already, and then sees
+        // one core.
+        if let Some(was) = was
+            && taskset(pid, cpus)
+        {
+            moved.push(MovedThread { pid, name, was });
+        }
+    }
+    moved
+}
+
+/// Puts moved kernel threads back where they were allowed to run.
+pub fn restore_kernel_threads(moved: &[MovedThread]) {
+    for t in moved {
+        taskset(t.pid, &t.was);
+    }
 }
 
 /// Percentile (0..=100) of sorted samples.

@@ -217,6 +217,15 @@ pub struct Results {
     pub peak_rss: Vec<(Which, Vec<u64>)>,
 }
 
+/// Kernel threads moved for the run; restored when dropped, however the run ends.
+struct Moved(Vec<sys::MovedThread>);
+
+impl Drop for Moved {
+    fn drop(&mut self) {
+        sys::restore_kernel_threads(&self.0);
+    }
+}
+
 fn rotated(rep: usize) -> Vec<Which> {
     let mut order = vec![Which::Baseline, Which::Musubi, Which::Envoy];
     order.rotate_left(rep % 3);
@@ -233,6 +242,12 @@ pub async fn run(a: Args) -> Result<()> {
     // Counted before pinning: afterwards this process sees only its own CPU.
     let cores = sys::cores();
     let pinned = cores > 1 && sys::pin(std::process::id(), topology::LOAD_CPUS);
+    // Periodic kernel work off the proxies' CPU too, put back when the run ends.
+    let moved = Moved(if pinned {
+        sys::move_kernel_threads(&["kdamond"], topology::LOAD_CPUS)
+    } else {
+        vec![]
+    });
     let (_backend, b) = topology::backend().await?;
     let server = ProxyPorts::on("127.0.0.12").await?;
     let cp = ControlPlane::start(b, server.inbound).await?;
@@ -281,7 +296,7 @@ pub async fn run(a: Args) -> Result<()> {
     }
 
     if only_latency {
-        return finish(&r, pinned, cores, repeats, duration, &a);
+        return finish(&r, pinned, &moved.0, cores, repeats, duration, &a);
     }
 
     // Capacity: raise the rate until p99 > baseline p99 + 1 ms, errors, or < 99 % achieved.
@@ -385,19 +400,28 @@ pub async fn run(a: Args) -> Result<()> {
         r.peak_rss.push((s.which, peaks));
     }
 
-    finish(&r, pinned, cores, repeats, duration, &a)
+    finish(&r, pinned, &moved.0, cores, repeats, duration, &a)
 }
 
 /// Prints the tables and writes the JSON file when asked.
 fn finish(
     r: &Results,
     pinned: bool,
+    moved: &[sys::MovedThread],
     cores: usize,
     repeats: usize,
     duration: Duration,
     a: &Args,
 ) -> Result<()> {
     println!("{}", report::markdown(r, pinned));
+    let moved_names: Vec<&str> = moved.iter().map(|t| t.name.as_str()).collect();
+    if !moved_names.is_empty() {
+        println!(
+            "Kernel threads kept on CPU {} for the run: {}.",
+            topology::LOAD_CPUS,
+            moved_names.join(", ")
+        );
+    }
     if let Some(out) = &a.out {
         let doc = json!({
             "machine": {
@@ -405,6 +429,7 @@ fn finish(
                 "cpu": sys::cpu_model(),
                 "cores": cores,
                 "pinned": pinned,
+                "kernel_threads_on_load_cpu": moved_names,
             },
             "versions": versions(),
             "settings": { "repeats": repeats, "duration_s": duration.as_secs_f64(), "quick": a.quick },
