@@ -60,14 +60,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
-    for n in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::PROXY_AUTHORIZATION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
+    for n in &HOP_BY_HOP {
         headers.remove(n);
     }
     if headers.get(header::TE).is_some_and(|v| v != "trailers") {
@@ -75,14 +68,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Always removed; `TE` is too, unless it says `trailers`.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::PROXY_AUTHORIZATION
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == header::TE
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
+    name == header::TE || HOP_BY_HOP.contains(name)
 }
 
 /// Whether a request asks to switch protocols (websockets and the like).
