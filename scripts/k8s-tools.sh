@@ -26,6 +26,9 @@ if ! have kube-apiserver || ! have kubectl || ! have etcd || ! have helm; then
   # k8s.io/kubernetes selects.
   dir="${WORK}/tools"
   rm -rf "${dir}" && mkdir -p "${dir}/etcd"
+  # Private module and build caches (~5 GB together), removed once the binaries exist: only
+  # the binaries are kept, and the disk is needed for the Rust test build that follows.
+  export GOMODCACHE="${WORK}/gomod" GOCACHE="${WORK}/gocache"
   staging="v0.${K8S_VERSION#v1.}"
   gomod="$(go mod download -json "k8s.io/kubernetes@${K8S_VERSION}" | sed -n 's/.*"GoMod": "\(.*\)",/\1/p')"
   {
@@ -70,6 +73,8 @@ GO
   (cd "${dir}" && go build -trimpath \
     -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=${K8S_VERSION} -X k8s.io/client-go/pkg/version.gitVersion=${K8S_VERSION} -X helm.sh/helm/v3/internal/version.version=${HELM_VERSION}" \
     -o "${OUT}/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl helm.sh/helm/v3/cmd/helm ./etcd)
+  go clean -modcache
+  rm -rf "${WORK}"
 fi
 
 echo "${OUT}"

@@ -207,12 +207,37 @@ fn spawn(bin: &Path, name: &str, args: &[String], dir: &Path) -> Child {
         .unwrap_or_else(|e| panic!("start {name}: {e}"))
 }
 
+const DIR_PREFIX: &str = "musubi-kube-";
+const OWNER_FILE: &str = "owner.pid";
+
+/// Removes the working directories (etcd's data is ~130 MB each) that earlier test processes
+/// left behind: the directory has to outlive this process's last test, so nothing removes it
+/// at exit; the next run does, once its owner is gone.
+fn remove_stale_dirs(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let named = entry.file_name().to_string_lossy().starts_with(DIR_PREFIX);
+        let owner = std::fs::read_to_string(path.join(OWNER_FILE)).ok();
+        let gone = owner
+            .and_then(|pid| pid.trim().parse::<u32>().ok())
+            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+        if named && gone {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+}
+
 fn start(bin: PathBuf) -> (ApiServer, Vec<Child>, Vec<String>) {
+    remove_stale_dirs(&std::env::temp_dir());
     let dir = tempfile::Builder::new()
-        .prefix("musubi-kube-")
+        .prefix(DIR_PREFIX)
         .tempdir()
         .unwrap()
         .keep();
+    std::fs::write(dir.join(OWNER_FILE), std::process::id().to_string()).unwrap();
     let (ca_params, ca_key, ca_pem) = ca();
     let issuer = Issuer::from_params(&ca_params, &ca_key);
     let serving_key = KeyPair::generate().unwrap();

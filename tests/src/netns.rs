@@ -250,14 +250,9 @@ pub fn proxy_binary() -> PathBuf {
             .to_path_buf();
         let status = Command::new(cargo)
             .current_dir(&root)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "musubi-proxy",
-                "--bin",
-                "musubi-proxy",
-            ])
+            // `--bin` without `-p` resolves features for the whole workspace, as the test
+            // build does, so the dependencies it built are reused rather than built again.
+            .args(["build", "--quiet", "--bin", "musubi-proxy"])
             .status()
             .expect("run cargo build");
         assert!(status.success(), "building musubi-proxy failed");
