@@ -5,6 +5,7 @@ use crate::control::Resolver;
 use crate::destination::{Destination, Endpoint};
 use crate::drain::Drain;
 use crate::http::Body;
+use crate::local::LocalHttp1;
 use crate::metrics::Metrics;
 use crate::policy::InboundPolicy;
 use crate::pool::{Connector, H2Pool};
@@ -27,8 +28,10 @@ pub struct Ctx {
     pub pool: H2Pool,
     pub metrics: Arc<Metrics>,
     pub drain: Drain,
-    /// HTTP/1.1 to the local application, and to destinations outside the mesh.
+    /// HTTP/1.1 to destinations outside the mesh.
     pub http1: AppClient,
+    /// HTTP/1.1 to the local application.
+    pub local: Arc<LocalHttp1>,
     /// HTTP/2 (prior knowledge) to the local application.
     pub http2: AppClient,
     /// Ports of the proxy itself, never valid as application ports.

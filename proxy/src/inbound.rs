@@ -10,6 +10,7 @@ use crate::outbound::copy_counted;
 use crate::policy::{Decision, MtlsMode, Peer, authorize};
 use crate::pool::{ALPN, ALPN_H2};
 use crate::transport::{Header, Protocol};
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -435,27 +436,29 @@ async fn to_app(
         {
             parts.headers.insert(http::header::HOST, v);
         }
-        let path = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        parts.uri = Uri::builder()
-            .scheme("http")
-            .authority(format!("127.0.0.1:{port}"))
-            .path_and_query(path)
-            .build()
-            .unwrap_or_default();
-        parts.version = if to_http1 {
-            Version::HTTP_11
+        let path = parts.uri.path_and_query().cloned();
+        let path = path.unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let sent = if to_http1 {
+            // Origin form: the connection is to the application already.
+            parts.uri = Uri::from(path);
+            parts.version = Version::HTTP_11;
+            let req = Request::from_parts(parts, h::incoming(body));
+            ctx.local.send(port, req).await.map_err(|e| e.to_string())
         } else {
-            Version::HTTP_2
+            parts.uri = Uri::builder()
+                .scheme("http")
+                .authority(format!("127.0.0.1:{port}"))
+                .path_and_query(path)
+                .build()
+                .unwrap_or_default();
+            parts.version = Version::HTTP_2;
+            let req = Request::from_parts(parts, h::incoming(body));
+            match ctx.http2.request(req).await {
+                Ok(resp) => Ok(resp.map(h::incoming)),
+                Err(e) => Err(format!("application on port {port}: {e}")),
+            }
         };
-        let client = if to_http1 { &ctx.http1 } else { &ctx.http2 };
-        match client
-            .request(Request::from_parts(parts, h::incoming(body)))
-            .await
-        {
+        match sent {
             Ok(mut resp) => {
                 if let Some(client_upgrade) = client_upgrade
                     && resp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -470,21 +473,16 @@ async fn to_app(
                             .await;
                         }
                     });
-                    let (parts, body) = resp.into_parts();
-                    Response::from_parts(parts, h::incoming(body))
+                    resp
                 } else {
-                    let (mut parts, body) = resp.into_parts();
-                    h::strip_hop_by_hop(&mut parts.headers);
-                    parts.version = client_version;
-                    Response::from_parts(parts, h::incoming(body))
+                    h::strip_hop_by_hop(resp.headers_mut());
+                    *resp.version_mut() = client_version;
+                    resp
                 }
             }
             Err(e) => {
                 ctx.metrics.refused(INBOUND, "app_unreachable");
-                error_response(
-                    StatusCode::BAD_GATEWAY,
-                    &format!("application on port {port}: {e}"),
-                )
+                error_response(StatusCode::BAD_GATEWAY, &e)
             }
         }
     };

@@ -13,6 +13,7 @@ pub mod drain;
 pub mod http;
 pub mod inbound;
 pub mod init;
+pub mod local;
 pub mod metrics;
 pub mod orig_dst;
 pub mod outbound;

@@ -248,6 +248,7 @@ async fn run(
         metrics,
         drain: drain.clone(),
         http1,
+        local: Default::default(),
         http2,
     });
     let _ = admin.ctx.set(ctx.clone());
