@@ -360,7 +360,6 @@ where
     copy_counted(ctx, labels, &mut downstream, &mut app).await;
 }
 
-/// Forwards one request to the application on `port`, as the HTTP version the client app used.
 /// The caller on an inbound connection, with what every request on it needs computed once.
 struct Caller {
     peer: Peer,
@@ -387,6 +386,7 @@ impl Caller {
     }
 }
 
+/// Forwards one request to the application on `port`, as the HTTP version the client app used.
 async fn to_app(
     ctx: Arc<Ctx>,
     mut req: Request<Incoming>,
@@ -436,21 +436,16 @@ async fn to_app(
         {
             parts.headers.insert(http::header::HOST, v);
         }
-        let path = parts.uri.path_and_query().cloned();
-        let path = path.unwrap_or_else(|| PathAndQuery::from_static("/"));
         let sent = if to_http1 {
             // Origin form: the connection is to the application already.
-            parts.uri = Uri::from(path);
+            let path = parts.uri.path_and_query().cloned();
+            parts.uri = Uri::from(path.unwrap_or_else(|| PathAndQuery::from_static("/")));
             parts.version = Version::HTTP_11;
             let req = Request::from_parts(parts, h::incoming(body));
             ctx.local.send(port, req).await.map_err(|e| e.to_string())
         } else {
-            parts.uri = Uri::builder()
-                .scheme("http")
-                .authority(format!("127.0.0.1:{port}"))
-                .path_and_query(path)
-                .build()
-                .unwrap_or_default();
+            parts.uri =
+                h::absolute_uri(&parts.uri, &format!("127.0.0.1:{port}")).unwrap_or_default();
             parts.version = Version::HTTP_2;
             let req = Request::from_parts(parts, h::incoming(body));
             match ctx.http2.request(req).await {

@@ -122,9 +122,12 @@ impl LocalHttp1 {
     ) -> Response<Body> {
         let upgraded = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
         let (parts, body) = resp.into_parts();
-        let done = body.is_end_stream();
         let back = (!upgraded).then(|| (Arc::clone(self), port, sender));
-        let body = Returning { body, done, back };
+        let body = Returning {
+            body,
+            done: false,
+            back,
+        };
         Response::from_parts(parts, http_body_util::BodyExt::boxed(body))
     }
 }
