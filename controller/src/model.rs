@@ -299,6 +299,7 @@ impl MeshFile {
                     proxy_port: u32::from(e.proxy_port),
                     labels: Default::default(),
                     transport: transport as i32,
+                    plaintext_allowed: false,
                 });
             }
             services.push(Service {
@@ -355,6 +356,7 @@ impl MeshFile {
                     port: u32::from(p.port),
                     mtls: mtls_pb(mode),
                     authorization,
+                    protocol: 0,
                 });
             }
             if workloads
@@ -463,6 +465,7 @@ pub fn policy_for(state: &MeshState, id: &SpiffeId) -> ppb::InboundPolicy {
             port: 0,
             mtls: mtls_pb(default_mode),
             authorization: None,
+            protocol: 0,
         }),
         ports,
     }

@@ -146,6 +146,7 @@ mod tests {
             proxy_port,
             labels: Default::default(),
             transport: 0,
+            plaintext_allowed: false,
         }
     }
 

@@ -272,6 +272,7 @@ mod tests {
                 port: 0,
                 mtls: pb::MtlsMode::Permissive as i32,
                 authorization: None,
+                protocol: 0,
             }),
             ports: vec![pb::PortPolicy {
                 port: 8080,
@@ -288,6 +289,7 @@ mod tests {
                         },
                     ],
                 }),
+                protocol: 0,
             }],
         };
         let got = InboundPolicy::try_from(&p).unwrap();

@@ -215,6 +215,7 @@ fn service(
                         proxy_port: 0,
                         labels: Default::default(),
                         transport: dpb::Transport::Musubi as i32,
+                        plaintext_allowed: false,
                     });
                 }
             }
@@ -316,6 +317,7 @@ fn workload_policies(
                 port: u32::from(port),
                 mtls: model::mtls_pb(mode),
                 authorization,
+                protocol: 0,
             });
     }
     (workloads, workload_mtls)
