@@ -357,6 +357,7 @@ impl MeshFile {
                     mtls: mtls_pb(mode),
                     authorization,
                     protocol: 0,
+                    authorities: vec![],
                 });
             }
             if workloads
@@ -466,6 +467,7 @@ pub fn policy_for(state: &MeshState, id: &SpiffeId) -> ppb::InboundPolicy {
             mtls: mtls_pb(default_mode),
             authorization: None,
             protocol: 0,
+            authorities: vec![],
         }),
         ports,
     }

@@ -1,8 +1,10 @@
-//! The admin endpoint: `/metrics`, `/ready`, `/live`, `POST /shutdown` (loopback only),
-//! `/debug/config` and `/debug/identity`.
+//! The admin endpoint: `/metrics`, `/ready`, `/live`, and from loopback only `POST /shutdown`,
+//! `/debug/config` and `/debug/identity` (the admin port listens on every address, for probes
+//! and scrapes; what the proxy knows about the mesh is for the pod's own eyes).
 
 use crate::control::Resolution;
 use crate::ctx::Ctx;
+use crate::listen::Listener;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -14,7 +16,6 @@ use serde_json::json;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
-use tokio::net::TcpListener;
 
 /// What the admin endpoint serves from. `ctx` is set once the proxy holds its certificate.
 pub struct Admin {
@@ -44,8 +45,12 @@ fn json_response(v: serde_json::Value) -> Response<Full<Bytes>> {
 }
 
 impl Admin {
+    /// Ready once the proxy holds its certificate and its first inbound policy, until it
+    /// drains.
     pub fn ready(&self) -> bool {
-        self.ctx.get().is_some() && self.store.info().is_some() && !self.drain.is_draining()
+        self.ctx.get().is_some_and(|c| c.policy().is_some())
+            && self.store.info().is_some()
+            && !self.drain.is_draining()
     }
 
     fn respond(&self, req: &Request<Incoming>, client: SocketAddr) -> Response<Full<Bytes>> {
@@ -70,6 +75,10 @@ impl Admin {
             (_, "/shutdown") => text(
                 StatusCode::FORBIDDEN,
                 "POST /shutdown is accepted from localhost only\n",
+            ),
+            (_, path) if path.starts_with("/debug/") && !client.ip().is_loopback() => text(
+                StatusCode::FORBIDDEN,
+                "/debug/ is served to localhost only\n",
             ),
             (&Method::GET, "/debug/identity") => json_response(self.identity_json()),
             (&Method::GET, "/debug/config") => json_response(self.config_json()),
@@ -113,22 +122,23 @@ impl Admin {
                 (k, v)
             })
             .collect();
-        let policy = ctx.policy.borrow().clone();
+        let policy = ctx.policy();
         json!({
             "identity": ctx.config.id.to_string(),
             "mode": format!("{:?}", ctx.config.mode),
             "app_ports": ctx.config.app_ports,
-            "inbound_policy": serde_json::to_value(&*policy).unwrap_or_default(),
+            "inbound_policy": policy.map(|p| serde_json::to_value(&*p).unwrap_or_default()),
             "destinations": destinations,
         })
     }
 }
 
-pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
+/// Connections the admin listener holds at once (probes, scrapes, the CLI).
+pub const MAX_CONNECTIONS: usize = 128;
+
+pub async fn serve(admin: Arc<Admin>, listener: Listener, metrics: Arc<crate::metrics::Metrics>) {
     loop {
-        let Ok((tcp, client)) = listener.accept().await else {
-            continue;
-        };
+        let (tcp, client, slot) = listener.accept(&metrics).await;
         let admin = admin.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
@@ -136,8 +146,12 @@ pub async fn serve(admin: Arc<Admin>, listener: TcpListener) {
                 async move { Ok::<_, Infallible>(resp) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .max_buf_size(16 * 1024)
                 .serve_connection(TokioIo::new(tcp), svc)
                 .await;
+            drop(slot);
         });
     }
 }

@@ -36,6 +36,20 @@ pub const DRAIN_TIMEOUT: &str = "MUSUBI_PROXY_DRAIN_TIMEOUT";
 /// Runtime worker threads; 1 (the default, like one Envoy worker) runs everything on one
 /// thread with no cross-thread wakeups.
 pub const WORKERS: &str = "MUSUBI_PROXY_WORKERS";
+/// Connections the inbound listener holds at once; more are closed on accept.
+pub const INBOUND_MAX_CONNECTIONS: &str = "MUSUBI_PROXY_INBOUND_MAX_CONNECTIONS";
+/// Connections the outbound listener(s) hold at once.
+pub const OUTBOUND_MAX_CONNECTIONS: &str = "MUSUBI_PROXY_OUTBOUND_MAX_CONNECTIONS";
+/// How long an inbound HTTP/1 client may take to send a request's head (slowloris bound).
+pub const HEADER_READ_TIMEOUT: &str = "MUSUBI_PROXY_HEADER_READ_TIMEOUT";
+/// Largest request head accepted (HTTP/1 read buffer, HTTP/2 header list), bytes.
+pub const MAX_HEADER_BYTES: &str = "MUSUBI_PROXY_MAX_HEADER_BYTES";
+/// Concurrent streams a peer may open on one inbound HTTP/2 connection.
+pub const H2_MAX_CONCURRENT_STREAMS: &str = "MUSUBI_PROXY_H2_MAX_CONCURRENT_STREAMS";
+/// Destinations watched through the controller at once (least recently used ones go first).
+pub const MAX_DESTINATIONS: &str = "MUSUBI_PROXY_MAX_DESTINATIONS";
+/// A destination not used for this long stops being watched.
+pub const DESTINATION_IDLE_TIMEOUT: &str = "MUSUBI_PROXY_DESTINATION_IDLE_TIMEOUT";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CaptureMode {
@@ -89,6 +103,33 @@ pub struct Config {
     pub detect_timeout: Duration,
     pub drain_timeout: Duration,
     pub workers: usize,
+    pub limits: Limits,
+}
+
+/// Bounds on what remote parties can make the proxy hold (docs/security.md lists them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub inbound_connections: usize,
+    pub outbound_connections: usize,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub h2_max_concurrent_streams: u32,
+    pub max_destinations: usize,
+    pub destination_idle: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            inbound_connections: 4096,
+            outbound_connections: 4096,
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            h2_max_concurrent_streams: 2000,
+            max_destinations: 1024,
+            destination_idle: Duration::from_secs(600),
+        }
+    }
 }
 
 /// A bad configuration: the key and what is wrong with it.
@@ -150,6 +191,56 @@ fn ports(src: &dyn Source, key: &'static str, default: &[u16]) -> Result<Vec<u16
         .collect()
 }
 
+fn number<T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy>(
+    src: &dyn Source,
+    key: &'static str,
+    default: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<T, ConfigError> {
+    match src.get(key) {
+        None => Ok(default),
+        Some(v) => match v.parse::<T>() {
+            Ok(n) if range.contains(&n) => Ok(n),
+            _ => Err(err(
+                key,
+                format!("{v:?}: expected {}-{}", range.start(), range.end()),
+            )),
+        },
+    }
+}
+
+fn limits(src: &dyn Source) -> Result<Limits, ConfigError> {
+    let d = Limits::default();
+    let timeout = duration(src, HEADER_READ_TIMEOUT, d.header_read_timeout)?;
+    if timeout.is_zero() {
+        return Err(err(HEADER_READ_TIMEOUT, "must be more than 0"));
+    }
+    Ok(Limits {
+        inbound_connections: number(
+            src,
+            INBOUND_MAX_CONNECTIONS,
+            d.inbound_connections,
+            1..=1_000_000,
+        )?,
+        outbound_connections: number(
+            src,
+            OUTBOUND_MAX_CONNECTIONS,
+            d.outbound_connections,
+            1..=1_000_000,
+        )?,
+        header_read_timeout: timeout,
+        max_header_bytes: number(src, MAX_HEADER_BYTES, d.max_header_bytes, 8192..=1 << 20)?,
+        h2_max_concurrent_streams: number(
+            src,
+            H2_MAX_CONCURRENT_STREAMS,
+            d.h2_max_concurrent_streams,
+            1..=100_000,
+        )?,
+        max_destinations: number(src, MAX_DESTINATIONS, d.max_destinations, 1..=100_000)?,
+        destination_idle: duration(src, DESTINATION_IDLE_TIMEOUT, d.destination_idle)?,
+    })
+}
+
 fn duration(
     src: &dyn Source,
     key: &'static str,
@@ -207,9 +298,9 @@ impl Config {
             .into_iter()
             .collect();
         Ok(Config {
-            inbound: addr(src, INBOUND_LISTEN, "0.0.0.0:4143")?,
+            inbound: addr(src, INBOUND_LISTEN, "[::]:4143")?,
             outbound: addr(src, OUTBOUND_LISTEN, "127.0.0.1:4140")?,
-            admin: addr(src, ADMIN_LISTEN, "0.0.0.0:4191")?,
+            admin: addr(src, ADMIN_LISTEN, "[::]:4191")?,
             mode,
             app_ports,
             trust_domain,
@@ -225,13 +316,8 @@ impl Config {
             opaque_ports: opaque,
             detect_timeout: duration(src, DETECT_TIMEOUT, Duration::from_secs(5))?,
             drain_timeout: duration(src, DRAIN_TIMEOUT, Duration::from_secs(30))?,
-            workers: match src.get(WORKERS) {
-                None => 1,
-                Some(v) => match v.parse::<usize>() {
-                    Ok(n) if (1..=64).contains(&n) => n,
-                    _ => return Err(err(WORKERS, format!("{v:?}: expected 1-64"))),
-                },
-            },
+            workers: number(src, WORKERS, 1, 1..=64)?,
+            limits: limits(src)?,
         })
     }
 }
@@ -264,6 +350,13 @@ mod tests {
         );
         assert!(c.opaque_ports.contains(&3306) && c.opaque_ports.contains(&6379));
         assert!(c.controller.is_none());
+        assert_eq!(c.limits, Limits::default());
+        let mut m = base();
+        m.insert(INBOUND_MAX_CONNECTIONS, "10");
+        m.insert(HEADER_READ_TIMEOUT, "2s");
+        let c = Config::from_source(&m).unwrap();
+        assert_eq!(c.limits.inbound_connections, 10);
+        assert_eq!(c.limits.header_read_timeout, Duration::from_secs(2));
     }
 
     #[test]
@@ -280,6 +373,11 @@ mod tests {
             (CONTROLLER_ADDR, "c:8090", "is required"),
             (WORKERS, "0", "expected 1-64"),
             (WORKERS, "many", "expected 1-64"),
+            (INBOUND_MAX_CONNECTIONS, "0", "expected 1-1000000"),
+            (MAX_HEADER_BYTES, "100", "expected 8192-"),
+            (HEADER_READ_TIMEOUT, "0s", "more than 0"),
+            (H2_MAX_CONCURRENT_STREAMS, "-1", "expected 1-100000"),
+            (MAX_DESTINATIONS, "lots", "expected 1-100000"),
         ];
         for (key, value, says) in cases {
             let mut m = base();

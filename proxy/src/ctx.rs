@@ -7,7 +7,8 @@ use crate::drain::Drain;
 use crate::http::Body;
 use crate::local::LocalHttp1;
 use crate::metrics::Metrics;
-use crate::policy::InboundPolicy;
+use crate::own::OwnAddrs;
+use crate::policy::{InboundPolicy, PortProtocol};
 use crate::pool::{Connector, H2Pool};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -23,7 +24,8 @@ pub struct Ctx {
     pub bundle: TrustBundle,
     pub store: Arc<CredentialStore>,
     pub resolver: Resolver,
-    pub policy: watch::Receiver<Arc<InboundPolicy>>,
+    /// `None` until the first policy arrives: inbound refuses everything until then.
+    pub policy: watch::Receiver<Option<Arc<InboundPolicy>>>,
     pub connector: Arc<Connector>,
     pub pool: H2Pool,
     pub metrics: Arc<Metrics>,
@@ -33,19 +35,16 @@ pub struct Ctx {
     /// HTTP/1.1 to the local application.
     pub local: Arc<LocalHttp1>,
     /// HTTP/2 (prior knowledge) to the local application.
-    pub http2: AppClient,
-    /// Ports of the proxy itself, never valid as application ports.
-    pub own_ports: Vec<u16>,
+    pub http2: Arc<crate::local::LocalHttp2>,
+    /// The proxy's own listeners: never a destination (loops), never an application port.
+    pub own: OwnAddrs,
 }
 
-pub fn app_clients() -> (AppClient, AppClient) {
+/// HTTP/1.1 to destinations outside the mesh.
+pub fn passthrough_client() -> AppClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    let http1 = Client::builder(TokioExecutor::new()).build(connector.clone());
-    let http2 = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build(connector);
-    (http1, http2)
+    Client::builder(TokioExecutor::new()).build(connector)
 }
 
 /// Picks an endpoint, weighted at random among those with an identity.
@@ -66,14 +65,27 @@ pub fn pick(dest: &Destination) -> Option<&Endpoint> {
 }
 
 impl Ctx {
-    /// Whether an inbound connection may be forwarded to application port `port`.
-    pub fn app_port_allowed(&self, port: u16) -> bool {
-        if self.own_ports.contains(&port) {
-            return false;
-        }
-        match self.config.mode {
-            crate::config::CaptureMode::Explicit => self.config.app_ports.contains(&port),
-            crate::config::CaptureMode::Transparent => true,
+    /// The policy in force, or `None` before the first one arrived.
+    pub fn policy(&self) -> Option<Arc<InboundPolicy>> {
+        self.policy.borrow().clone()
+    }
+
+    /// Whether inbound traffic may be forwarded to application port `port`: only the
+    /// workload's declared ports (`MUSUBI_PROXY_APP_PORTS` and every port the policy lists),
+    /// never the proxy's own. A loopback-only listener in the pod (an agent on 127.0.0.1:8200)
+    /// is not declared, so no mesh identity reaches it.
+    pub fn declared(&self, policy: &InboundPolicy, port: u16) -> bool {
+        !self.own.is_own_port(port)
+            && (self.config.app_ports.contains(&port) || policy.ports.contains_key(&port))
+    }
+
+    /// What the application speaks on `port`: what the policy declares, else opaque for the
+    /// configured opaque ports (`MUSUBI_PROXY_OPAQUE_PORTS`), else detected.
+    pub fn protocol(&self, policy: &InboundPolicy, port: u16) -> PortProtocol {
+        match policy.ports.get(&port).map(|p| p.protocol) {
+            Some(declared) if declared != PortProtocol::Detect => declared,
+            _ if self.config.opaque_ports.contains(&port) => PortProtocol::Opaque,
+            _ => PortProtocol::Detect,
         }
     }
 }

@@ -25,6 +25,9 @@ pub struct Endpoint {
     pub identity: Option<SpiffeId>,
     pub weight: u32,
     pub transport: Transport,
+    /// For an endpoint without identity: it may be reached in plaintext (its namespace is
+    /// PERMISSIVE). Otherwise clients refuse it.
+    pub plaintext_allowed: bool,
 }
 
 /// How to talk to an endpoint's proxy.
@@ -121,6 +124,7 @@ pub fn from_update(u: &pb::ServiceUpdate) -> Result<Option<Destination>, Destina
                     pb::Transport::Musubi => Transport::Musubi,
                     pb::Transport::H2Mtls => Transport::H2Mtls,
                 },
+                plaintext_allowed: e.plaintext_allowed,
             });
         }
     }

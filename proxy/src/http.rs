@@ -28,6 +28,20 @@ pub fn incoming(b: hyper::body::Incoming) -> Body {
     b.boxed()
 }
 
+/// A request body for the application, with the headers only proxies may set removed from
+/// its trailers too (a client could otherwise send `musubi-client-id` as a trailer).
+pub fn without_proxy_trailers(b: hyper::body::Incoming) -> Body {
+    b.map_frame(|frame| match frame.into_trailers() {
+        Ok(mut trailers) => {
+            trailers.remove(CLIENT_ID);
+            trailers.remove(ORIG_PROTO);
+            hyper::body::Frame::trailers(trailers)
+        }
+        Err(frame) => frame,
+    })
+    .boxed()
+}
+
 /// A response made by the proxy, with a reason the caller can read.
 pub fn error_response(status: StatusCode, reason: &str) -> Response<Body> {
     let mut resp = Response::new(full(format!("{reason}\n")));

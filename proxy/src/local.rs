@@ -1,5 +1,5 @@
-//! HTTP/1.1 connections from the inbound proxy to the local application on 127.0.0.1, kept
-//! per port for reuse.
+//! Connections from the inbound proxy to the local application on 127.0.0.1: HTTP/1.1 ones
+//! kept per port for reuse, and one multiplexed HTTP/2 connection per port.
 //!
 //! A connection goes back to its port's idle list when the response body has been read to the
 //! end, from the task that read it; hyper-util's pooling client spawns a task per request to
@@ -11,7 +11,9 @@ use crate::http::Body;
 use bytes::Bytes;
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
+use hyper::client::conn::http2;
 use hyper::{Request, Response};
+use hyper_util::rt::TokioExecutor;
 use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -130,6 +132,70 @@ impl LocalHttp1 {
         };
         Response::from_parts(parts, http_body_util::BodyExt::boxed(body))
     }
+}
+
+/// One HTTP/2 connection per application port, shared by every request to that port. The
+/// request's own URI (scheme and authority) is sent as is: the application sees the authority
+/// the caller addressed, while the connection goes to 127.0.0.1.
+#[derive(Default)]
+pub struct LocalHttp2 {
+    conns: Mutex<HashMap<u16, http2::SendRequest<Body>>>,
+}
+
+impl LocalHttp2 {
+    pub async fn send(
+        &self,
+        port: u16,
+        mut req: Request<Body>,
+    ) -> Result<Response<Incoming>, LocalError> {
+        let open = {
+            let conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+            conns.get(&port).filter(|s| !s.is_closed()).cloned()
+        };
+        if let Some(mut sender) = open
+            && sender.ready().await.is_ok()
+        {
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    // The connection went away before taking it: send it on a new one.
+                    Some(unsent) => req = unsent,
+                    None => {
+                        return Err(LocalError::Http {
+                            port,
+                            reason: e.into_error(),
+                        });
+                    }
+                },
+            }
+        }
+        let mut sender = connect_h2(port).await?;
+        self.conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(port, sender.clone());
+        sender
+            .send_request(req)
+            .await
+            .map_err(|reason| LocalError::Http { port, reason })
+    }
+}
+
+async fn connect_h2(port: u16) -> Result<http2::SendRequest<Body>, LocalError> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|reason| LocalError::Connect { port, reason })?;
+    let _ = tcp.set_nodelay(true);
+    let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+        .await
+        .map_err(|reason| LocalError::Http { port, reason })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(port, error = %e, "HTTP/2 connection to the application ended");
+        }
+    });
+    Ok(sender)
 }
 
 async fn connect(port: u16) -> Result<SendRequest<Body>, LocalError> {

@@ -65,7 +65,7 @@ pub struct ResponseLabels {
     pub authority: Label,
     pub peer_identity: Label,
     pub tls: &'static str,
-    pub status_code: u16,
+    pub status_code: &'static str,
     pub classification: &'static str,
 }
 
@@ -101,21 +101,29 @@ pub struct AuthzLabels {
     pub decision: &'static str,
 }
 
-/// Caps the number of distinct authorities used as label values; the rest become `other`.
+/// The value used for everything a capped label does not name: destinations outside the mesh,
+/// authorities that are not a service of this workload, values past a cap.
+pub const OTHER: &str = "other";
+
+/// Caps the number of distinct values of a label; the rest become `other`.
 #[derive(Debug)]
-pub struct AuthorityCap {
+pub struct LabelCap {
     seen: Mutex<HashSet<Arc<str>>>,
     max: usize,
     other: Label,
 }
 
-impl AuthorityCap {
+impl LabelCap {
     pub fn new(max: usize) -> Self {
-        AuthorityCap {
+        LabelCap {
             seen: Mutex::new(HashSet::new()),
             max,
-            other: Label::new("other"),
+            other: Label::new(OTHER),
         }
+    }
+
+    pub fn other(&self) -> Label {
+        self.other.clone()
     }
 
     pub fn label(&self, authority: &str) -> Label {
@@ -150,8 +158,24 @@ pub struct Metrics {
     pub detect_seconds: Family<DetectLabels, Histogram>,
     pub authz: Family<AuthzLabels, Counter>,
     pub refused: Family<ReasonLabels, Counter>,
-    pub authorities: AuthorityCap,
+    pub accept_errors: Family<ReasonLabels, Counter>,
+    pub discovery_watches: Gauge,
+    pub discovery_evictions: Family<EvictionLabels, Counter>,
+    pub policy_rules_dropped: Counter,
+    /// Authorities that are mesh services (outbound) or services of this workload (inbound).
+    pub authorities: LabelCap,
+    /// Verified client identities (inbound): only mesh members hold one, but keep it bounded.
+    pub peers: LabelCap,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EvictionLabels {
+    pub reason: &'static str,
+}
+
+/// Distinct values of the capped labels, per proxy (see docs/metrics.md for the worst case).
+pub const MAX_AUTHORITIES: usize = 256;
+pub const MAX_PEERS: usize = 512;
 
 fn latency_histogram() -> Histogram {
     // 0.1 ms .. ~26 s
@@ -179,7 +203,12 @@ impl Metrics {
             detect_seconds: Family::new_with_constructor(detect_histogram),
             authz: Family::default(),
             refused: Family::default(),
-            authorities: AuthorityCap::new(200),
+            accept_errors: Family::default(),
+            discovery_watches: Gauge::default(),
+            discovery_evictions: Family::default(),
+            policy_rules_dropped: Counter::default(),
+            authorities: LabelCap::new(MAX_AUTHORITIES),
+            peers: LabelCap::new(MAX_PEERS),
         };
         let r = registry;
         r.register(
@@ -252,7 +281,33 @@ impl Metrics {
             "Connections or requests refused by the proxy, by reason",
             m.refused.clone(),
         );
+        r.register(
+            "musubi_proxy_accept_errors",
+            "Failed accepts on a listener, by reason (resources_exhausted: out of file descriptors or memory)",
+            m.accept_errors.clone(),
+        );
+        r.register(
+            "musubi_proxy_discovery_watches",
+            "Destinations watched through the controller now",
+            m.discovery_watches.clone(),
+        );
+        r.register(
+            "musubi_proxy_discovery_evictions",
+            "Destination watches dropped, by reason (capacity, idle)",
+            m.discovery_evictions.clone(),
+        );
+        r.register(
+            "musubi_proxy_policy_rules_dropped",
+            "Authorization rules from the controller that could not be used and were dropped",
+            m.policy_rules_dropped.clone(),
+        );
         m
+    }
+
+    pub fn accept_error(&self, direction: &'static str, reason: &'static str) {
+        self.accept_errors
+            .get_or_create(&ReasonLabels { direction, reason })
+            .inc();
     }
 
     pub fn refused(&self, direction: &'static str, reason: &'static str) {
@@ -271,17 +326,12 @@ pub struct RequestStats {
 }
 
 impl RequestStats {
-    /// `peer` is the other side's SPIFFE ID (empty when there is none).
-    pub fn new(
-        metrics: &Metrics,
-        direction: &'static str,
-        authority: &str,
-        peer: Label,
-        tls: bool,
-    ) -> Self {
+    /// `authority` is already a bounded label (see [`Metrics::authorities`]); `peer` is the
+    /// other side's SPIFFE ID (empty when there is none).
+    pub fn new(direction: &'static str, authority: Label, peer: Label, tls: bool) -> Self {
         RequestStats {
             direction,
-            authority: metrics.authorities.label(authority),
+            authority,
             peer,
             tls: if tls { "true" } else { "false" },
         }
@@ -315,7 +365,7 @@ impl RequestStats {
                 authority: self.authority.clone(),
                 peer_identity: self.peer,
                 tls: self.tls,
-                status_code: status,
+                status_code: status_label(status),
                 classification,
             })
             .inc();
@@ -327,6 +377,31 @@ impl RequestStats {
                 classification,
             })
             .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// Status codes as label values: the registered codes as themselves, any other code (a peer
+/// may send anything from 100 to 999) as its class, so the label has a bounded set of values.
+pub fn status_label(status: u16) -> &'static str {
+    const CODES: [u16; 62] = [
+        100, 101, 102, 103, 200, 201, 202, 203, 204, 205, 206, 207, 208, 226, 300, 301, 302, 303,
+        304, 305, 307, 308, 400, 401, 402, 403, 404, 405, 406, 407, 408, 409, 410, 411, 412, 413,
+        414, 415, 416, 417, 418, 421, 422, 423, 424, 425, 426, 428, 429, 431, 451, 500, 501, 502,
+        503, 504, 505, 506, 507, 508, 510, 511,
+    ];
+    const NAMES: [&str; 62] = [
+        "100", "101", "102", "103", "200", "201", "202", "203", "204", "205", "206", "207", "208",
+        "226", "300", "301", "302", "303", "304", "305", "307", "308", "400", "401", "402", "403",
+        "404", "405", "406", "407", "408", "409", "410", "411", "412", "413", "414", "415", "416",
+        "417", "418", "421", "422", "423", "424", "425", "426", "428", "429", "431", "451", "500",
+        "501", "502", "503", "504", "505", "506", "507", "508", "510", "511",
+    ];
+    const CLASSES: [&str; 10] = [
+        "0xx", "1xx", "2xx", "3xx", "4xx", "5xx", "6xx", "7xx", "8xx", "9xx",
+    ];
+    match CODES.binary_search(&status) {
+        Ok(i) => NAMES[i],
+        Err(_) => CLASSES[usize::from(status / 100).min(9)],
     }
 }
 
@@ -353,8 +428,23 @@ mod tests {
     }
 
     #[test]
-    fn authorities_are_capped() {
-        let cap = AuthorityCap::new(2);
+    fn status_labels_are_bounded() {
+        for (code, want) in [
+            (200, "200"),
+            (404, "404"),
+            (599, "5xx"),
+            (299, "2xx"),
+            (999, "9xx"),
+        ] {
+            assert_eq!(status_label(code), want, "{code}");
+        }
+        let distinct: HashSet<&str> = (100..1000).map(status_label).collect();
+        assert!(distinct.len() < 80, "{}", distinct.len());
+    }
+
+    #[test]
+    fn labels_are_capped() {
+        let cap = LabelCap::new(2);
         assert_eq!(cap.label("a:80"), "a:80");
         assert_eq!(cap.label("b:80"), "b:80");
         assert_eq!(cap.label("c:80"), "other");

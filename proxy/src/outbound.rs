@@ -1,44 +1,45 @@
 //! Outbound: what the local application sends. In explicit mode the application uses the
 //! outbound listener as an HTTP proxy (absolute-form requests, `Host`, or `CONNECT` for
 //! opaque TCP); in transparent mode iptables redirects its connections here and the original
-//! destination decides. Meshed destinations are reached over mTLS; others are passed through.
+//! destination decides. Meshed destinations are reached over mTLS; others are passed through,
+//! except this proxy's own listeners, which are refused as loops whatever the spelling.
 
 use crate::control::Resolution;
 use crate::ctx::{Ctx, pick};
 use crate::destination::{Destination, Endpoint};
+use crate::detect::{Detected, Outcome};
 use crate::http::{self as h, Body, error_response};
+use crate::listen::{Listener, Slot};
 use crate::metrics::{Label, OUTBOUND, RequestStats, TcpLabels};
-use crate::transport::{Header, Protocol};
+use crate::own::VetError;
+use crate::transport::{Header, Prefixed, Protocol};
+use bytes::BytesMut;
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 
 /// Accepts until draining starts.
-pub async fn serve(ctx: Arc<Ctx>, listener: TcpListener) {
+pub async fn serve(ctx: Arc<Ctx>, listener: Listener) {
     loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
+        let (tcp, client, slot) = tokio::select! {
+            a = listener.accept(&ctx.metrics) => a,
             _ = ctx.drain.signaled() => return,
         };
-        let (tcp, client) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "outbound accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
         let ctx = ctx.clone();
         let guard = ctx.drain.guard();
         tokio::spawn(async move {
             match ctx.config.mode {
-                crate::config::CaptureMode::Explicit => serve_http(ctx, tcp, client, None).await,
-                crate::config::CaptureMode::Transparent => transparent(ctx, tcp, client).await,
+                crate::config::CaptureMode::Explicit => {
+                    serve_http(ctx, tcp, client, None, slot).await
+                }
+                crate::config::CaptureMode::Transparent => {
+                    transparent(ctx, tcp, client, slot).await
+                }
             }
             drop(guard);
         });
@@ -47,13 +48,14 @@ pub async fn serve(ctx: Arc<Ctx>, listener: TcpListener) {
 
 /// A redirected connection (transparent mode): the original destination decides where it
 /// goes; the first bytes decide whether it is HTTP (handled request by request) or opaque.
-async fn transparent(ctx: Arc<Ctx>, tcp: TcpStream, client: SocketAddr) {
+async fn transparent(ctx: Arc<Ctx>, mut tcp: TcpStream, client: SocketAddr, slot: Slot) {
     let Some(orig) = crate::orig_dst_addr(&tcp) else {
         ctx.metrics.refused(OUTBOUND, "no_original_destination");
         return;
     };
-    if ctx.own_ports.contains(&orig.port()) && orig.ip().is_loopback() {
+    if ctx.own.is_loop(orig) {
         ctx.metrics.refused(OUTBOUND, "loop");
+        tracing::info!(%client, %orig, "refused: the destination is this proxy's own listener");
         return;
     }
     let target = orig.to_string();
@@ -66,11 +68,17 @@ async fn transparent(ctx: Arc<Ctx>, tcp: TcpStream, client: SocketAddr) {
         }
     };
     let declared_opaque = matches!(&resolution, Resolution::Meshed(d) if d.protocol == crate::destination::Protocol::Opaque);
+    let mut buf = BytesMut::new();
     let protocol = if declared_opaque || ctx.config.opaque_ports.contains(&orig.port()) {
-        crate::detect::Detected::Opaque
+        Detected::Opaque
     } else {
-        match crate::detect::detect(&tcp, ctx.config.detect_timeout).await {
-            Ok((d, took)) => {
+        let deadline = tokio::time::Instant::now() + ctx.config.detect_timeout;
+        match crate::detect::detect(&mut tcp, &mut buf, deadline).await {
+            Ok((outcome, took)) => {
+                let d = match outcome {
+                    Outcome::Known(d) => d.outbound(),
+                    Outcome::Timeout { .. } | Outcome::Eof => Detected::Opaque,
+                };
                 let labels = crate::metrics::DetectLabels {
                     direction: OUTBOUND,
                     protocol: d.as_str(),
@@ -85,16 +93,22 @@ async fn transparent(ctx: Arc<Ctx>, tcp: TcpStream, client: SocketAddr) {
             Err(_) => return,
         }
     };
-    if protocol != crate::detect::Detected::Opaque {
-        return serve_http(ctx, tcp, client, Some(target)).await;
+    let mut tcp = Prefixed::new(buf.freeze(), tcp);
+    if protocol != Detected::Opaque {
+        return serve_http(ctx, tcp, client, Some(target), slot).await;
     }
-    let mut tcp = tcp;
     match resolution {
         Resolution::Meshed(dest) => {
             let Some(ep) = pick(&dest).cloned() else {
                 ctx.metrics.refused(OUTBOUND, "no_endpoints");
                 return;
             };
+            if ep.identity.is_none() {
+                if !plaintext_allowed(&ctx, &ep, &dest.authority) {
+                    return;
+                }
+                return opaque_plain(&ctx, &mut tcp, ep.connect).await;
+            }
             let header = Header {
                 port: ep.app_port,
                 protocol: Protocol::Opaque,
@@ -115,32 +129,65 @@ async fn transparent(ctx: Arc<Ctx>, tcp: TcpStream, client: SocketAddr) {
                 }
             }
         }
-        Resolution::Unknown => match TcpStream::connect(orig).await {
-            Ok(mut upstream) => {
-                let labels = TcpLabels {
-                    direction: OUTBOUND,
-                    peer_identity: Label::empty(),
-                    tls: "false",
-                };
-                copy_counted(&ctx, labels, &mut tcp, &mut upstream).await;
-            }
-            Err(e) => tracing::debug!(%orig, error = %e, "passthrough connect failed"),
-        },
+        Resolution::Unknown => opaque_plain(&ctx, &mut tcp, orig).await,
     }
+}
+
+/// Opaque bytes in plaintext to a destination outside the mesh (or an unmeshed endpoint).
+async fn opaque_plain<S>(ctx: &Ctx, tcp: &mut S, to: SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match TcpStream::connect(to).await {
+        Ok(mut upstream) => {
+            let labels = TcpLabels {
+                direction: OUTBOUND,
+                peer_identity: Label::empty(),
+                tls: "false",
+            };
+            copy_counted(ctx, labels, tcp, &mut upstream).await;
+        }
+        Err(e) => tracing::debug!(%to, error = %e, "passthrough connect failed"),
+    }
+}
+
+/// An endpoint without identity is reached in plaintext only where its namespace allows it
+/// (PERMISSIVE); under STRICT nothing meshed leaves in plaintext. Counts a refusal.
+fn plaintext_allowed(ctx: &Ctx, ep: &Endpoint, authority: &str) -> bool {
+    if !ep.plaintext_allowed {
+        ctx.metrics.refused(OUTBOUND, "not_meshed");
+        tracing::info!(endpoint = %ep.connect, %authority, "refused: the endpoint is not meshed and its namespace is STRICT");
+    }
+    ep.plaintext_allowed
 }
 
 /// Serves the application's HTTP connection (HTTP/1.1 or HTTP/2), request by request. With a
 /// `target` (transparent mode), requests go to that original destination; without one, each
 /// request's authority decides.
-pub async fn serve_http(ctx: Arc<Ctx>, tcp: TcpStream, client: SocketAddr, target: Option<String>) {
+pub async fn serve_http<S>(
+    ctx: Arc<Ctx>,
+    io: S,
+    client: SocketAddr,
+    target: Option<String>,
+    slot: Slot,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let svc_ctx = ctx.clone();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let ctx = svc_ctx.clone();
         let target = target.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(ctx, req, target).await) }
+        let slot = slot.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(ctx, req, target, slot).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
+    let limits = &ctx.config.limits;
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().max_buf_size(limits.max_header_bytes);
+    builder
+        .http2()
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_header_list_size(limits.max_header_bytes as u32);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
@@ -154,9 +201,17 @@ pub async fn serve_http(ctx: Arc<Ctx>, tcp: TcpStream, client: SocketAddr, targe
     }
 }
 
-async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>, target: Option<String>) -> Response<Body> {
+async fn handle(
+    ctx: Arc<Ctx>,
+    mut req: Request<Incoming>,
+    target: Option<String>,
+    slot: Slot,
+) -> Response<Body> {
+    // Headers only proxies set: whatever the application sent is not ours to forward.
+    req.headers_mut().remove(h::CLIENT_ID);
+    req.headers_mut().remove(h::ORIG_PROTO);
     if req.method() == Method::CONNECT && target.is_none() {
-        return connect_tunnel(ctx, req).await;
+        return connect_tunnel(ctx, req, slot).await;
     }
     let Some(authority) = h::authority(&req)
         .map(|a| h::with_port(&a, 80))
@@ -175,7 +230,7 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>, target: Option<String>) -
     match resolution {
         Resolution::Unknown => {
             let connect_to = target.unwrap_or_else(|| authority.clone());
-            passthrough(ctx, req, authority, connect_to).await
+            passthrough(ctx, req, authority, connect_to, slot).await
         }
         Resolution::Meshed(dest) => {
             let Some(ep) = pick(&dest) else {
@@ -186,10 +241,22 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>, target: Option<String>) -
                 );
             };
             let ep = ep.clone();
+            if ep.identity.is_none() {
+                if !plaintext_allowed(&ctx, &ep, &dest.authority) {
+                    return error_response(
+                        StatusCode::BAD_GATEWAY,
+                        &format!(
+                            "endpoint {} of {} is not meshed and mTLS is STRICT there",
+                            ep.connect, dest.authority
+                        ),
+                    );
+                }
+                return passthrough(ctx, req, authority, ep.connect.to_string(), slot).await;
+            }
             if h::is_upgrade(&req) {
-                upgrade(ctx, req, &dest, &ep, authority).await
+                upgrade(ctx, req, &dest, &ep, authority, slot).await
             } else {
-                forward(ctx, req, &ep, authority).await
+                forward(ctx, req, &dest, &ep, authority).await
             }
         }
     }
@@ -203,15 +270,21 @@ fn peer_label(ep: &Endpoint) -> Label {
         .unwrap_or_else(Label::empty)
 }
 
+/// The metric label of a mesh service: its canonical authority (bounded by the cap).
+fn service_label(ctx: &Ctx, dest: &Destination) -> Label {
+    ctx.metrics.authorities.label(&dest.authority)
+}
+
 /// Sends a request over the pooled HTTP/2 mTLS connection to the endpoint's proxy.
 async fn forward(
     ctx: Arc<Ctx>,
     req: Request<Incoming>,
+    dest: &Destination,
     ep: &Endpoint,
     authority: String,
 ) -> Response<Body> {
     let started = Instant::now();
-    let stats = RequestStats::new(&ctx.metrics, OUTBOUND, &authority, peer_label(ep), true);
+    let stats = RequestStats::new(OUTBOUND, service_label(&ctx, dest), peer_label(ep), true);
     stats.count_request(&ctx.metrics);
     let (mut parts, body) = req.into_parts();
     let app_version = parts.version;
@@ -221,7 +294,6 @@ async fn forward(
     {
         parts.headers.insert(h::ORIG_PROTO, v);
     }
-    parts.headers.remove(h::CLIENT_ID);
     h::strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(http::header::HOST);
     parts.version = Version::HTTP_2;
@@ -252,17 +324,57 @@ async fn forward(
     resp
 }
 
+/// Copies an upgraded connection both ways; the tunnel holds its connection's slot and a
+/// drain guard, so draining waits for it like for any connection.
+fn spawn_tunnel<A, B>(ctx: Arc<Ctx>, slot: Slot, a: A, b: B, labels: Option<TcpLabels>)
+where
+    A: std::future::Future<Output = Result<hyper::upgrade::Upgraded, hyper::Error>>
+        + Send
+        + 'static,
+    B: std::future::Future<Output = Option<TunnelEnd>> + Send + 'static,
+{
+    let guard = ctx.drain.guard();
+    tokio::spawn(async move {
+        if let (Ok(client), Some(end)) = (a.await, b.await) {
+            let mut client = TokioIo::new(client);
+            match (end, labels) {
+                (TunnelEnd::Upgraded(u), _) => {
+                    let _ =
+                        crate::transport::copy::bidirectional(&mut client, &mut TokioIo::new(u))
+                            .await;
+                }
+                (TunnelEnd::Tls(mut s), Some(l)) => {
+                    copy_counted(&ctx, l, &mut client, &mut *s).await
+                }
+                (TunnelEnd::Tcp(mut s), Some(l)) => {
+                    copy_counted(&ctx, l, &mut client, &mut s).await
+                }
+                _ => {}
+            }
+        }
+        drop((guard, slot));
+    });
+}
+
+/// The far end of a tunnel.
+enum TunnelEnd {
+    Upgraded(hyper::upgrade::Upgraded),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Tcp(TcpStream),
+}
+
 /// HTTP/1.1 `Upgrade` (websockets): a dedicated mTLS connection carrying HTTP/1.1, upgraded
 /// on both sides once the far application agrees.
 async fn upgrade(
     ctx: Arc<Ctx>,
     mut req: Request<Incoming>,
-    _dest: &Destination,
+    dest: &Destination,
     ep: &Endpoint,
     authority: String,
+    slot: Slot,
 ) -> Response<Body> {
     let started = Instant::now();
-    let stats = RequestStats::new(&ctx.metrics, OUTBOUND, &authority, peer_label(ep), true);
+    let stats = RequestStats::new(OUTBOUND, service_label(&ctx, dest), peer_label(ep), true);
     stats.count_request(&ctx.metrics);
     let header = Header {
         port: ep.app_port,
@@ -281,7 +393,6 @@ async fn upgrade(
     tokio::spawn(conn.with_upgrades());
     let client_upgrade = hyper::upgrade::on(&mut req);
     let (mut parts, body) = req.into_parts();
-    parts.headers.remove(h::CLIENT_ID);
     let path = parts
         .uri
         .path_and_query()
@@ -302,17 +413,27 @@ async fn upgrade(
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let server_upgrade = hyper::upgrade::on(&mut resp);
-        tokio::spawn(async move {
-            if let (Ok(c), Ok(s)) = (client_upgrade.await, server_upgrade.await) {
-                let _ =
-                    tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(s)).await;
-            }
-        });
+        let far = async move { server_upgrade.await.ok().map(TunnelEnd::Upgraded) };
+        spawn_tunnel(ctx.clone(), slot, client_upgrade, far, None);
     }
     let (parts, body) = resp.into_parts();
     let resp = Response::from_parts(parts, h::incoming(body));
     stats.record(&ctx.metrics, started, &resp);
     resp
+}
+
+/// Resolves and vets a destination outside the mesh: this proxy's own listeners are loops.
+async fn vet(ctx: &Ctx, authority: &str) -> Result<SocketAddr, Response<Body>> {
+    crate::own::vet(&ctx.own, authority).await.map_err(|e| {
+        let status = match e {
+            VetError::Loop(_) => {
+                ctx.metrics.refused(OUTBOUND, "loop");
+                StatusCode::LOOP_DETECTED
+            }
+            VetError::Resolve(..) => StatusCode::BAD_GATEWAY,
+        };
+        error_response(status, &e.to_string())
+    })
 }
 
 /// A destination outside the mesh: plain HTTP/1.1 to it, as the application asked.
@@ -321,19 +442,39 @@ async fn passthrough(
     req: Request<Incoming>,
     authority: String,
     connect_to: String,
+    _slot: Slot,
 ) -> Response<Body> {
     let started = Instant::now();
-    let stats = RequestStats::new(&ctx.metrics, OUTBOUND, &authority, Label::empty(), false);
+    let stats = RequestStats::new(
+        OUTBOUND,
+        ctx.metrics.authorities.other(),
+        Label::empty(),
+        false,
+    );
     stats.count_request(&ctx.metrics);
+    let resp = passthrough_inner(&ctx, req, &authority, &connect_to).await;
+    stats.record(&ctx.metrics, started, &resp);
+    resp
+}
+
+async fn passthrough_inner(
+    ctx: &Ctx,
+    req: Request<Incoming>,
+    authority: &str,
+    connect_to: &str,
+) -> Response<Body> {
     if h::is_upgrade(&req) {
         return error_response(
             StatusCode::NOT_IMPLEMENTED,
             "upgrades to destinations outside the mesh are not supported yet",
         );
     }
+    let addr = match vet(ctx, connect_to).await {
+        Ok(a) => a,
+        Err(resp) => return resp,
+    };
     let (mut parts, body) = req.into_parts();
     h::strip_hop_by_hop(&mut parts.headers);
-    parts.headers.remove(h::CLIENT_ID);
     let path = parts
         .uri
         .path_and_query()
@@ -344,7 +485,7 @@ async fn passthrough(
     {
         parts.headers.insert(http::header::HOST, v);
     }
-    parts.uri = match format!("http://{connect_to}{path}").parse() {
+    parts.uri = match format!("http://{addr}{path}").parse() {
         Ok(u) => u,
         Err(e) => {
             return error_response(StatusCode::BAD_REQUEST, &format!("bad request target: {e}"));
@@ -352,7 +493,7 @@ async fn passthrough(
     };
     let app_version = parts.version;
     parts.version = Version::HTTP_11;
-    let resp = match ctx
+    match ctx
         .http1
         .request(Request::from_parts(parts, h::incoming(body)))
         .await
@@ -364,13 +505,11 @@ async fn passthrough(
             Response::from_parts(parts, h::incoming(body))
         }
         Err(e) => error_response(StatusCode::BAD_GATEWAY, &format!("{authority}: {e}")),
-    };
-    stats.record(&ctx.metrics, started, &resp);
-    resp
+    }
 }
 
 /// `CONNECT host:port`: an opaque TCP tunnel, over mTLS when the destination is meshed.
-async fn connect_tunnel(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<Body> {
+async fn connect_tunnel(ctx: Arc<Ctx>, mut req: Request<Incoming>, slot: Slot) -> Response<Body> {
     let Some(target) = req.uri().authority().map(|a| a.to_string()) else {
         return error_response(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
     };
@@ -379,7 +518,7 @@ async fn connect_tunnel(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<B
         Err(e) => return error_response(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
-    match resolution {
+    let (end, labels) = match resolution {
         Resolution::Meshed(dest) => {
             let Some(ep) = pick(&dest).cloned() else {
                 return error_response(
@@ -387,63 +526,77 @@ async fn connect_tunnel(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<B
                     &format!("{target} has no ready endpoints"),
                 );
             };
-            let header = Header {
-                port: ep.app_port,
-                protocol: Protocol::Opaque,
-                authority: Some(target.clone()),
-            };
-            let upstream = match ctx.connector.connect(&ep, &header).await {
-                Ok(s) => s,
-                Err(e) => return error_response(StatusCode::BAD_GATEWAY, &e.to_string()),
-            };
-            let id = peer_label(&ep);
-            tokio::spawn(tunnel(ctx, on_upgrade, upstream, id, true));
+            if ep.identity.is_none() {
+                if !plaintext_allowed(&ctx, &ep, &dest.authority) {
+                    return error_response(
+                        StatusCode::BAD_GATEWAY,
+                        &format!(
+                            "endpoint {} of {} is not meshed and mTLS is STRICT there",
+                            ep.connect, dest.authority
+                        ),
+                    );
+                }
+                match TcpStream::connect(ep.connect).await {
+                    Ok(s) => (TunnelEnd::Tcp(s), plain_labels()),
+                    Err(e) => {
+                        return error_response(StatusCode::BAD_GATEWAY, &format!("{target}: {e}"));
+                    }
+                }
+            } else {
+                let header = Header {
+                    port: ep.app_port,
+                    protocol: Protocol::Opaque,
+                    authority: Some(target.clone()),
+                };
+                match ctx.connector.connect(&ep, &header).await {
+                    Ok(s) => (
+                        TunnelEnd::Tls(Box::new(s)),
+                        TcpLabels {
+                            direction: OUTBOUND,
+                            peer_identity: peer_label(&ep),
+                            tls: "true",
+                        },
+                    ),
+                    Err(e) => return error_response(StatusCode::BAD_GATEWAY, &e.to_string()),
+                }
+            }
         }
         Resolution::Unknown => {
-            let upstream = match TcpStream::connect(&target).await {
-                Ok(s) => s,
+            let addr = match vet(&ctx, &target).await {
+                Ok(a) => a,
+                Err(resp) => return resp,
+            };
+            match TcpStream::connect(addr).await {
+                Ok(s) => (TunnelEnd::Tcp(s), plain_labels()),
                 Err(e) => {
                     return error_response(StatusCode::BAD_GATEWAY, &format!("{target}: {e}"));
                 }
-            };
-            tokio::spawn(tunnel(ctx, on_upgrade, upstream, Label::empty(), false));
+            }
         }
-    }
+    };
+    let far = async move { Some(end) };
+    spawn_tunnel(ctx, slot, on_upgrade, far, Some(labels));
     Response::new(h::full(""))
 }
 
-async fn tunnel<S>(
-    ctx: Arc<Ctx>,
-    on_upgrade: hyper::upgrade::OnUpgrade,
-    mut upstream: S,
-    peer: Label,
-    tls: bool,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let Ok(client) = on_upgrade.await else { return };
-    let labels = TcpLabels {
+fn plain_labels() -> TcpLabels {
+    TcpLabels {
         direction: OUTBOUND,
-        peer_identity: peer,
-        tls: if tls { "true" } else { "false" },
-    };
-    copy_counted(&ctx, labels, &mut TokioIo::new(client), &mut upstream).await;
+        peer_identity: Label::empty(),
+        tls: "false",
+    }
 }
-
-/// Buffer per direction for opaque streams: 64 KiB lets one read fill a whole TLS record
-/// (16 KiB) several times over instead of cutting the stream into 8 KiB pieces.
-const COPY_BUF: usize = 64 * 1024;
 
 /// Copies both ways, keeping the TCP metrics.
 pub async fn copy_counted<A, B>(ctx: &Ctx, labels: TcpLabels, a: &mut A, b: &mut B)
 where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
 {
     let m = &ctx.metrics;
     m.tcp_open.get_or_create(&labels).inc();
     m.tcp_active.get_or_create(&labels).inc();
-    let result = tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUF, COPY_BUF).await;
+    let result = crate::transport::copy::bidirectional(a, b).await;
     if let Ok((from_a, from_b)) = result {
         m.tcp_read_bytes.get_or_create(&labels).inc_by(from_a);
         m.tcp_write_bytes.get_or_create(&labels).inc_by(from_b);

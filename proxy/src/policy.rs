@@ -19,25 +19,96 @@ pub enum Rule {
     Any,
 }
 
+/// What the application speaks on a port; the server side decides by it what may reach it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub enum PortProtocol {
+    /// Decided from the first bytes; anything that may be HTTP is served as HTTP.
+    #[default]
+    Detect,
+    /// An HTTP/1.1 application: requests reach it as HTTP/1.1.
+    Http1,
+    /// An HTTP/2 application (gRPC, h2c): requests reach it as HTTP/2.
+    Http2,
+    /// Bytes pass untouched; no HTTP features and no `musubi-client-id`.
+    Opaque,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct PortPolicy {
     pub mtls: MtlsMode,
     /// `None`: everyone the mTLS mode lets in is allowed.
     pub allow: Option<Vec<Rule>>,
+    pub protocol: PortProtocol,
+    /// The Services that target this port (canonical authorities), for metric labels.
+    pub services: Vec<ServiceName>,
 }
 
 impl PortPolicy {
     pub const STRICT: PortPolicy = PortPolicy {
         mtls: MtlsMode::Strict,
         allow: None,
+        protocol: PortProtocol::Detect,
+        services: Vec::new(),
     };
+
+    /// The canonical authority of the Service a request addressed, if it is one of this
+    /// port's: `name`, `name.ns`, `name.ns.svc` or the full name, with the Service's port or
+    /// none. Anything else (an IP address, a made-up Host) names no Service.
+    pub fn service_for(&self, authority: &str) -> Option<&ServiceName> {
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') => (h, p.parse::<u16>().ok()),
+            _ => (authority, None),
+        };
+        let host = host.strip_suffix('.').unwrap_or(host);
+        self.services.iter().find(|s| {
+            port.is_none_or(|p| p == s.port) && s.hosts.iter().any(|h| h.eq_ignore_ascii_case(host))
+        })
+    }
+}
+
+/// A Service that targets a port, and the host names it answers to.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ServiceName {
+    /// `name.namespace.svc.<cluster-domain>:port`.
+    pub canonical: String,
+    #[serde(skip)]
+    pub hosts: Vec<String>,
+    #[serde(skip)]
+    pub port: u16,
+}
+
+impl ServiceName {
+    /// From `name.namespace.svc.<cluster-domain>:port`; `None` when it is not of that shape.
+    pub fn parse(canonical: &str) -> Option<ServiceName> {
+        let (host, port) = canonical.rsplit_once(':')?;
+        let port = port.parse::<u16>().ok().filter(|p| *p > 0)?;
+        let labels: Vec<&str> = host.split('.').collect();
+        if labels.len() < 4 || labels[2] != "svc" || labels.iter().any(|l| l.is_empty()) {
+            return None;
+        }
+        let hosts = vec![
+            labels[0].to_string(),
+            labels[..2].join("."),
+            labels[..3].join("."),
+            host.to_string(),
+        ];
+        Some(ServiceName {
+            canonical: canonical.to_string(),
+            hosts,
+            port,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct InboundPolicy {
     pub version: u64,
     pub default: PortPolicy,
+    /// Every port here is a declared application port of the workload.
     pub ports: HashMap<u16, PortPolicy>,
+    /// Rules the controller sent that could not be used; each was dropped alone (narrowing).
+    #[serde(skip)]
+    pub dropped: Vec<PolicyError>,
 }
 
 impl Default for InboundPolicy {
@@ -47,6 +118,7 @@ impl Default for InboundPolicy {
             version: 0,
             default: PortPolicy::STRICT,
             ports: HashMap::new(),
+            dropped: Vec::new(),
         }
     }
 }
@@ -114,64 +186,95 @@ pub fn authorize(policy: &InboundPolicy, port: u16, peer: &Peer, td: &TrustDomai
 pub enum PolicyError {
     #[error("port {0} is not a valid port")]
     BadPort(u32),
-    #[error("authorization rule #{0} names no client")]
-    EmptyRule(usize),
-    #[error("authorization rule #{index}: {reason}")]
-    BadIdentity { index: usize, reason: String },
+    #[error("port {port}: authorization rule #{index} names no client")]
+    EmptyRule { port: u32, index: usize },
+    #[error("port {port}: authorization rule #{index}: {reason}")]
+    BadIdentity {
+        port: u32,
+        index: usize,
+        reason: String,
+    },
 }
 
-fn port_policy(p: &pb::PortPolicy) -> Result<PortPolicy, PolicyError> {
+/// One port's policy. A rule that cannot be used is dropped alone and reported: with fewer
+/// rules the port allows fewer clients, never more (an empty list allows nobody).
+fn port_policy(p: &pb::PortPolicy, dropped: &mut Vec<PolicyError>) -> PortPolicy {
     let mtls = match pb::MtlsMode::try_from(p.mtls).unwrap_or(pb::MtlsMode::Strict) {
         pb::MtlsMode::Permissive => MtlsMode::Permissive,
         pb::MtlsMode::Strict | pb::MtlsMode::Unspecified => MtlsMode::Strict,
     };
-    let allow = match &p.authorization {
-        None => None,
-        Some(a) => Some(
-            a.rules
-                .iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    use pb::authorization_rule::Client;
-                    match &r.client {
-                        Some(Client::Identity(id)) => SpiffeId::parse(id)
-                            .map(|id| Rule::Identity(id.to_string()))
-                            .map_err(|e| PolicyError::BadIdentity {
-                                index: i,
-                                reason: e.to_string(),
-                            }),
-                        Some(Client::Namespace(ns)) => Ok(Rule::Namespace(ns.clone())),
-                        Some(Client::AnyAuthenticated(true)) => Ok(Rule::AnyAuthenticated),
-                        Some(Client::Any(true)) => Ok(Rule::Any),
-                        _ => Err(PolicyError::EmptyRule(i)),
-                    }
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-        ),
+    let protocol = match pb::PortProtocol::try_from(p.protocol).unwrap_or(pb::PortProtocol::Detect)
+    {
+        pb::PortProtocol::Detect => PortProtocol::Detect,
+        pb::PortProtocol::Http1 => PortProtocol::Http1,
+        pb::PortProtocol::Http2 => PortProtocol::Http2,
+        pb::PortProtocol::Opaque => PortProtocol::Opaque,
     };
-    Ok(PortPolicy { mtls, allow })
+    let allow = p.authorization.as_ref().map(|a| {
+        let mut rules = Vec::with_capacity(a.rules.len());
+        for (index, r) in a.rules.iter().enumerate() {
+            use pb::authorization_rule::Client;
+            let rule = match &r.client {
+                Some(Client::Identity(id)) => SpiffeId::parse(id)
+                    .map(|id| Rule::Identity(id.to_string()))
+                    .map_err(|e| PolicyError::BadIdentity {
+                        port: p.port,
+                        index,
+                        reason: e.to_string(),
+                    }),
+                Some(Client::Namespace(ns)) => Ok(Rule::Namespace(ns.clone())),
+                Some(Client::AnyAuthenticated(true)) => Ok(Rule::AnyAuthenticated),
+                Some(Client::Any(true)) => Ok(Rule::Any),
+                _ => Err(PolicyError::EmptyRule {
+                    port: p.port,
+                    index,
+                }),
+            };
+            match rule {
+                Ok(rule) => rules.push(rule),
+                Err(e) => dropped.push(e),
+            }
+        }
+        rules
+    });
+    let services = p
+        .authorities
+        .iter()
+        .filter_map(|a| ServiceName::parse(a))
+        .collect();
+    PortPolicy {
+        mtls,
+        allow,
+        protocol,
+        services,
+    }
 }
 
-impl TryFrom<&pb::InboundPolicy> for InboundPolicy {
-    type Error = PolicyError;
-    fn try_from(p: &pb::InboundPolicy) -> Result<Self, PolicyError> {
+impl From<&pb::InboundPolicy> for InboundPolicy {
+    /// Never fails: what cannot be used is dropped (and listed in `dropped`) in the direction
+    /// that lets fewer clients in. A port entry with an invalid number names no port anyone
+    /// can connect to, so dropping it loses nothing.
+    fn from(p: &pb::InboundPolicy) -> Self {
+        let mut dropped = Vec::new();
         let default = match &p.default_policy {
-            Some(d) => port_policy(d)?,
+            Some(d) => port_policy(d, &mut dropped),
             None => PortPolicy::STRICT,
         };
         let mut ports = HashMap::new();
         for pp in &p.ports {
-            let port = u16::try_from(pp.port)
-                .ok()
-                .filter(|p| *p > 0)
-                .ok_or(PolicyError::BadPort(pp.port))?;
-            ports.insert(port, port_policy(pp)?);
+            match u16::try_from(pp.port).ok().filter(|p| *p > 0) {
+                Some(port) => {
+                    ports.insert(port, port_policy(pp, &mut dropped));
+                }
+                None => dropped.push(PolicyError::BadPort(pp.port)),
+            }
         }
-        Ok(InboundPolicy {
+        InboundPolicy {
             version: p.version,
             default,
             ports,
-        })
+            dropped,
+        }
     }
 }
 
@@ -196,6 +299,8 @@ mod tests {
             PortPolicy {
                 mtls: MtlsMode::Strict,
                 allow: Some(vec![Rule::Identity(web.into())]),
+                protocol: PortProtocol::Detect,
+                services: vec![],
             },
         );
         policy.ports.insert(
@@ -203,6 +308,8 @@ mod tests {
             PortPolicy {
                 mtls: MtlsMode::Permissive,
                 allow: None,
+                protocol: PortProtocol::Detect,
+                services: vec![],
             },
         );
         policy.ports.insert(
@@ -210,6 +317,8 @@ mod tests {
             PortPolicy {
                 mtls: MtlsMode::Strict,
                 allow: Some(vec![Rule::Namespace("shop".into())]),
+                protocol: PortProtocol::Detect,
+                services: vec![],
             },
         );
         policy.ports.insert(
@@ -217,6 +326,8 @@ mod tests {
             PortPolicy {
                 mtls: MtlsMode::Permissive,
                 allow: Some(vec![Rule::AnyAuthenticated]),
+                protocol: PortProtocol::Detect,
+                services: vec![],
             },
         );
         policy.ports.insert(
@@ -224,6 +335,8 @@ mod tests {
             PortPolicy {
                 mtls: MtlsMode::Strict,
                 allow: Some(vec![]),
+                protocol: PortProtocol::Detect,
+                services: vec![],
             },
         );
         use Decision::*;
@@ -264,6 +377,46 @@ mod tests {
     }
 
     #[test]
+    fn service_names_table() {
+        let mut p = PortPolicy::STRICT;
+        p.services = [
+            "api.shop.svc.cluster.local:80",
+            "api-v2.shop.svc.cluster.local:8080",
+        ]
+        .iter()
+        .filter_map(|a| ServiceName::parse(a))
+        .collect();
+        let cases = [
+            ("api", Some("api.shop.svc.cluster.local:80")),
+            ("api:80", Some("api.shop.svc.cluster.local:80")),
+            ("API.shop", Some("api.shop.svc.cluster.local:80")),
+            ("api.shop.svc:80", Some("api.shop.svc.cluster.local:80")),
+            (
+                "api.shop.svc.cluster.local.:80",
+                Some("api.shop.svc.cluster.local:80"),
+            ),
+            (
+                "api-v2.shop:8080",
+                Some("api-v2.shop.svc.cluster.local:8080"),
+            ),
+            ("api:8080", None),
+            ("api.other", None),
+            ("10.0.0.1:80", None),
+            ("junk-1234.example.com", None),
+            ("[::1]:80", None),
+        ];
+        for (authority, want) in cases {
+            assert_eq!(
+                p.service_for(authority).map(|s| s.canonical.as_str()),
+                want,
+                "{authority}"
+            );
+        }
+        assert!(ServiceName::parse("api:80").is_none());
+        assert!(ServiceName::parse("api.shop.svc.cluster.local").is_none());
+    }
+
+    #[test]
     fn from_proto() {
         use pb::authorization_rule::Client;
         let p = pb::InboundPolicy {
@@ -273,6 +426,7 @@ mod tests {
                 mtls: pb::MtlsMode::Permissive as i32,
                 authorization: None,
                 protocol: 0,
+                authorities: vec![],
             }),
             ports: vec![pb::PortPolicy {
                 port: 8080,
@@ -290,37 +444,80 @@ mod tests {
                     ],
                 }),
                 protocol: 0,
+                authorities: vec![],
             }],
         };
-        let got = InboundPolicy::try_from(&p).unwrap();
+        let got = InboundPolicy::from(&p);
         assert_eq!(got.version, 7);
         assert_eq!(got.default.mtls, MtlsMode::Permissive);
         assert_eq!(got.port(8080).mtls, MtlsMode::Strict);
         assert_eq!(got.port(8080).allow.as_ref().unwrap().len(), 2);
+        assert!(got.dropped.is_empty());
 
+        let protocol = |v: pb::PortProtocol| {
+            let mut q = p.clone();
+            q.ports[0].protocol = v as i32;
+            InboundPolicy::from(&q).port(8080).protocol
+        };
+        assert_eq!(protocol(pb::PortProtocol::Http1), PortProtocol::Http1);
+        assert_eq!(protocol(pb::PortProtocol::Http2), PortProtocol::Http2);
+        assert_eq!(protocol(pb::PortProtocol::Opaque), PortProtocol::Opaque);
+        assert_eq!(protocol(pb::PortProtocol::Detect), PortProtocol::Detect);
+
+        // What cannot be used is dropped alone, so the policy only ever gets narrower.
         let mut bad = p.clone();
         bad.ports[0].port = 70000;
-        assert_eq!(
-            InboundPolicy::try_from(&bad),
-            Err(PolicyError::BadPort(70000))
-        );
-        let mut bad = p.clone();
-        bad.ports[0].authorization = Some(pb::Authorization {
-            rules: vec![pb::AuthorizationRule { client: None }],
-        });
-        assert_eq!(
-            InboundPolicy::try_from(&bad),
-            Err(PolicyError::EmptyRule(0))
-        );
-        let mut bad = p;
-        bad.ports[0].authorization = Some(pb::Authorization {
-            rules: vec![pb::AuthorizationRule {
+        let got = InboundPolicy::from(&bad);
+        assert!(got.ports.is_empty());
+        assert_eq!(got.dropped, vec![PolicyError::BadPort(70000)]);
+        let rules = |rules: Vec<pb::AuthorizationRule>| {
+            let mut q = p.clone();
+            q.ports[0].authorization = Some(pb::Authorization { rules });
+            InboundPolicy::from(&q)
+        };
+        let namespace = pb::AuthorizationRule {
+            client: Some(Client::Namespace("a".into())),
+        };
+        let got = rules(vec![
+            pb::AuthorizationRule { client: None },
+            pb::AuthorizationRule {
                 client: Some(Client::Identity("nope".into())),
-            }],
-        });
+            },
+            namespace,
+        ]);
+        assert_eq!(
+            got.port(8080).allow,
+            Some(vec![Rule::Namespace("a".into())]),
+            "the good rule stays"
+        );
+        assert_eq!(got.dropped.len(), 2);
         assert!(matches!(
-            InboundPolicy::try_from(&bad),
-            Err(PolicyError::BadIdentity { .. })
+            got.dropped[0],
+            PolicyError::EmptyRule {
+                port: 8080,
+                index: 0
+            }
         ));
+        assert!(matches!(
+            got.dropped[1],
+            PolicyError::BadIdentity {
+                port: 8080,
+                index: 1,
+                ..
+            }
+        ));
+        let got = rules(vec![pb::AuthorizationRule {
+            client: Some(Client::Identity("spiffe://x/../y".into())),
+        }]);
+        assert_eq!(
+            got.port(8080).allow,
+            Some(vec![]),
+            "all rules bad: nobody is allowed"
+        );
+        let web = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/web").unwrap();
+        assert_eq!(
+            authorize(&got, 8080, &Peer::Mesh(web), &td()),
+            Decision::DenyUnauthorized
+        );
     }
 }

@@ -22,6 +22,10 @@ use tokio_rustls::client::TlsStream;
 pub const ALPN: &[u8] = b"musubi.transport/1";
 /// ALPN of plain HTTP/2 over mTLS, for peers that are not Musubi proxies.
 pub const ALPN_H2: &[u8] = b"h2";
+/// The server name mesh clients send in SNI (identity is checked by SPIFFE ID, not by name).
+/// A non-Musubi mTLS peer sends it too, so that PERMISSIVE ports tell it from the
+/// application's own TLS.
+pub const MESH_SERVER_NAME: &str = "musubi.mesh";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]

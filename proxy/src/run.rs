@@ -7,6 +7,7 @@ use crate::control::{self, Resolver};
 use crate::ctx::{self, Ctx};
 use crate::destination::Destination;
 use crate::drain::Drain;
+use crate::listen::Listener;
 use crate::metrics::Metrics;
 use crate::policy::InboundPolicy;
 use crate::pool::{ALPN, ALPN_H2, Connector, H2Pool};
@@ -58,10 +59,28 @@ impl Running {
     }
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { what, addr, source })
+fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    crate::listen::bind(addr).map_err(|source| StartError::Bind { what, addr, source })
+}
+
+/// In transparent mode ip6tables redirects IPv6 connections to `[::1]:<outbound port>`: when
+/// the outbound listener is IPv4 loopback, listen there too (hosts without IPv6 skip it).
+fn outbound_v6(config: &Config, v4: SocketAddr) -> Option<TcpListener> {
+    if config.mode != crate::config::CaptureMode::Transparent
+        || v4 != config.outbound
+        || !v4.ip().is_loopback()
+        || !v4.is_ipv4()
+    {
+        return None;
+    }
+    let addr = SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), v4.port());
+    match crate::listen::bind(addr) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::debug!(%addr, error = %e, "no IPv6 outbound listener");
+            None
+        }
+    }
 }
 
 /// Overrides for embedding the proxy (tests, `musubi up`).
@@ -88,9 +107,9 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Running, StartE
             reason: e.to_string(),
         }
     })?;
-    let admin_l = bind("admin", config.admin).await?;
-    let inbound_l = bind("inbound", config.inbound).await?;
-    let outbound_l = bind("outbound", config.outbound).await?;
+    let admin_l = bind("admin", config.admin)?;
+    let inbound_l = bind("inbound", config.inbound)?;
+    let outbound_l = bind("outbound", config.outbound)?;
     let addrs = |l: &TcpListener| l.local_addr().map_err(|e| StartError::Setup(e.to_string()));
     let (inbound, outbound, admin_addr) =
         (addrs(&inbound_l)?, addrs(&outbound_l)?, addrs(&admin_l)?);
@@ -110,7 +129,11 @@ pub async fn start(config: Config, opts: StartOptions) -> Result<Running, StartE
         ctx: OnceLock::new(),
         drain: drain.clone(),
     });
-    tokio::spawn(admin::serve(admin.clone(), admin_l));
+    tokio::spawn(admin::serve(
+        admin.clone(),
+        Listener::new(admin_l, admin::MAX_CONNECTIONS, "admin"),
+        metrics.clone(),
+    ));
 
     let source = match source {
         Some(s) => s,
@@ -208,14 +231,21 @@ async fn run(
             .ok()
     });
     let namespace = config.id.namespace().unwrap_or_default();
+    let limits = config.limits.clone();
     let resolver = match (&controller, fixed) {
         (_, Some(table)) => Resolver::Fixed(table),
-        (Some(ch), None) => Resolver::controller(ch.clone(), namespace),
+        (Some(ch), None) => Resolver::controller(
+            ch.clone(),
+            namespace,
+            limits.max_destinations,
+            limits.destination_idle,
+            metrics.clone(),
+        ),
         (None, None) => Resolver::Fixed(Default::default()),
     };
     let policy = match fixed_policy {
-        Some(p) => tokio::sync::watch::channel(Arc::new(p)).1,
-        None => control::watch_policy(controller, config.app_ports.clone()),
+        Some(p) => tokio::sync::watch::channel(Some(Arc::new(p))).1,
+        None => control::watch_policy(controller, config.app_ports.clone(), metrics.clone()),
     };
     let tls = match tls::server_config(
         store.clone(),
@@ -234,10 +264,13 @@ async fn run(
         bundle.clone(),
         metrics.clone(),
     ));
-    let (http1, http2) = ctx::app_clients();
     let drain_timeout = config.drain_timeout;
+    let outbound_v6 = outbound_v6(&config, own[1]);
+    let mut own_ports: Vec<u16> = own.iter().map(|a| a.port()).collect();
+    own_ports.sort_unstable();
+    own_ports.dedup();
     let ctx = Arc::new(Ctx {
-        own_ports: own.iter().map(|a| a.port()).collect(),
+        own: crate::own::OwnAddrs::discover(own_ports),
         config,
         bundle,
         store,
@@ -247,17 +280,33 @@ async fn run(
         connector,
         metrics,
         drain: drain.clone(),
-        http1,
+        http1: ctx::passthrough_client(),
         local: Default::default(),
-        http2,
+        http2: Default::default(),
     });
     let _ = admin.ctx.set(ctx.clone());
-    let inbound = tokio::spawn(crate::inbound::serve(ctx.clone(), inbound_l, tls));
-    let outbound = tokio::spawn(crate::outbound::serve(ctx.clone(), outbound_l));
+    let inbound = tokio::spawn(crate::inbound::serve(
+        ctx.clone(),
+        Listener::new(inbound_l, limits.inbound_connections, "inbound"),
+        tls,
+    ));
+    let outbound = tokio::spawn(crate::outbound::serve(
+        ctx.clone(),
+        Listener::new(outbound_l, limits.outbound_connections, "outbound"),
+    ));
+    let outbound6 = outbound_v6.map(|l| {
+        tokio::spawn(crate::outbound::serve(
+            ctx.clone(),
+            Listener::new(l, limits.outbound_connections, "outbound"),
+        ))
+    });
     drain.signaled().await;
     tracing::info!(active = drain.active(), "draining");
     let _ = inbound.await;
     let _ = outbound.await;
+    if let Some(o) = outbound6 {
+        let _ = o.await;
+    }
     if tokio::time::timeout(drain_timeout, drain.idle())
         .await
         .is_err()

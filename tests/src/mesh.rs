@@ -60,6 +60,7 @@ pub fn destination_as(
             identity: Some(identity),
             weight: 1,
             transport: Transport::Musubi,
+            plaintext_allowed: false,
         }],
         version: 1,
     })

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use musubi_proxy::policy::{InboundPolicy, MtlsMode, PortPolicy, Rule};
+use musubi_proxy::policy::{InboundPolicy, MtlsMode, PortPolicy, PortProtocol, Rule};
 use musubi_tests::mesh::{Proxy, Setup, destination, destination_as, proxy};
 use musubi_tests::{Identity, apps, metric_value};
 use std::collections::HashMap;
@@ -211,14 +211,24 @@ async fn upgrade_and_opaque_tunnels_carry_bytes_both_ways() {
     tcp.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"ping over the upgraded connection");
 
-    // CONNECT: opaque TCP over mTLS to a TCP echo app behind the same server proxy.
+    // CONNECT: opaque TCP over mTLS to a TCP echo app behind the same server proxy. Its
+    // port is declared opaque: the server proxy passes bytes to it untouched only then.
     let echo = apps::tcp_echo().await;
+    let mut opaque = InboundPolicy::default();
+    opaque.ports.insert(
+        echo.port(),
+        PortPolicy {
+            protocol: PortProtocol::Opaque,
+            ..PortPolicy::STRICT
+        },
+    );
     let server = proxy(
         &m.identity,
         "shop",
         "db",
         Setup {
             app_ports: vec![echo.port()],
+            policy: Some(opaque),
             ..Setup::default()
         },
     )
@@ -327,7 +337,7 @@ async fn permissive_port_accepts_plaintext_without_an_identity() {
     let policy = InboundPolicy {
         default: PortPolicy {
             mtls: MtlsMode::Permissive,
-            allow: None,
+            ..PortPolicy::STRICT
         },
         ..InboundPolicy::default()
     };
@@ -359,6 +369,7 @@ async fn authorization_denies_with_403() {
             allow: Some(vec![Rule::Identity(
                 "spiffe://cluster.local/ns/shop/sa/admin".into(),
             )]),
+            ..PortPolicy::STRICT
         },
     );
     let server = proxy(

@@ -103,6 +103,7 @@ static_resources:
                 identity: Some(id),
                 weight: 1,
                 transport: Transport::H2Mtls,
+                plaintext_allowed: false,
             }],
             version: 1,
         })

@@ -318,6 +318,7 @@ fn workload_policies(
                 mtls: model::mtls_pb(mode),
                 authorization,
                 protocol: 0,
+                authorities: vec![],
             });
     }
     (workloads, workload_mtls)
