@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod control_plane;
+mod credentials;
 mod demo;
 mod spec;
 mod supervise;

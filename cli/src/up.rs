@@ -2,6 +2,7 @@
 //! controller run in this process; every proxy and every application is its own process, each
 //! under a `musubi supervise` that ends it when `up` ends, however `up` ends.
 
+use crate::credentials;
 use crate::spec::{UpFile, UpService};
 use crate::supervise::{self, StopSignals};
 use anyhow::{Context, Result, bail};
@@ -36,6 +37,21 @@ pub struct UpArgs {
     /// Stop after this long instead of waiting for Ctrl-C (for scripts and tests).
     #[arg(long, value_parser = humantime::parse_duration)]
     run_for: Option<Duration>,
+    /// Lifetime of the service-account tokens the proxies present to the identity service
+    /// (at least 4s); each is minted again at half its lifetime.
+    #[arg(long, default_value = "1h", value_parser = credentials::parse_token_ttl)]
+    token_ttl: Duration,
+    /// Lifetime of the proxies' certificates (X509-SVIDs; at least 30s); proxies renew at
+    /// about 70 % of it.
+    #[arg(long, default_value = "24h", value_parser = credentials::parse_svid_ttl)]
+    svid_ttl: Duration,
+}
+
+/// How long tokens and certificates live.
+#[derive(Debug, Clone, Copy)]
+pub struct Lifetimes {
+    pub token: Duration,
+    pub svid: Duration,
 }
 
 /// Ports of one service's proxy and application.
@@ -176,6 +192,8 @@ pub struct Mesh {
     pub children: Children,
     pub namespace: String,
     pub state: PathBuf,
+    /// Mints the proxies' tokens again before they expire.
+    pub token_refresh: tokio::task::JoinHandle<()>,
 }
 
 fn log_file(state: &Path, name: &str) -> Result<std::fs::File> {
@@ -192,7 +210,7 @@ pub fn service_env_name(name: &str) -> String {
 }
 
 /// Starts the whole mesh described by `file`; returns once every proxy is ready.
-pub async fn start(file: UpFile, state: &Path) -> Result<Mesh> {
+pub async fn start(file: UpFile, state: &Path, lifetimes: Lifetimes) -> Result<Mesh> {
     let exe = std::env::current_exe()?;
     let td = TrustDomain::new("cluster.local")?;
     let (anchors, issuer_cert, issuer_key) = ensure_ca(&state.join("ca"), &td)?;
@@ -206,8 +224,10 @@ pub async fn start(file: UpFile, state: &Path) -> Result<Mesh> {
         issuer_pem: (issuer_cert, issuer_key),
         issuer_files: None,
         reload_every: Duration::from_secs(5),
-        validator: Arc::new(tokens.validator()),
-        svid_ttl: Duration::from_secs(24 * 3600),
+        // One clock mints and checks the tokens: no skew to allow for, so a token is refused
+        // the second it expires.
+        validator: Arc::new(tokens.validator().with_leeway(Duration::ZERO)),
+        svid_ttl: lifetimes.svid,
         namespace: IDENTITY_NAMESPACE.into(),
         grpc: TcpListener::bind("127.0.0.1:0").await?,
         admin: Some(TcpListener::bind("127.0.0.1:0").await?),
@@ -238,15 +258,23 @@ pub async fn start(file: UpFile, state: &Path) -> Result<Mesh> {
 
     let token_dir = state.join("tokens");
     std::fs::create_dir_all(&token_dir)?;
+    let token_files = credentials::token_files(
+        &token_dir,
+        &file.namespace,
+        placements.iter().map(|p| p.svc.service_account()),
+    );
+    credentials::mint_all(&tokens, &token_files, lifetimes.token)?;
+    let token_refresh =
+        credentials::spawn_refresh(tokens.clone(), token_files.clone(), lifetimes.token);
     let anchors_path = state.join("ca").join("trust-anchor.crt");
     let mut children = Children::default();
     for p in &placements {
         let sa = p.svc.service_account();
-        let token_path = token_dir.join(format!("{}.{sa}.jwt", file.namespace));
-        let token = tokens
-            .mint(&file.namespace, sa, Duration::from_secs(24 * 3600))
-            .map_err(|e| anyhow::anyhow!("minting a token: {e}"))?;
-        write_secret(&token_path, &token)?;
+        let token_path = token_files
+            .iter()
+            .find(|f| f.service_account == sa)
+            .map(|f| f.path.clone())
+            .context("no token file for a service account")?;
         let child = supervised(&exe, &exe)
             .arg("proxy")
             .env("MUSUBI_PROXY_CAPTURE_MODE", "explicit")
@@ -335,6 +363,7 @@ pub async fn start(file: UpFile, state: &Path) -> Result<Mesh> {
         children,
         namespace: file.namespace,
         state: state.to_path_buf(),
+        token_refresh,
     })
 }
 
@@ -394,8 +423,12 @@ pub async fn up(a: UpArgs) -> Result<()> {
         ("SIGINT", SignalKind::interrupt()),
         ("SIGHUP", SignalKind::hangup()),
     ])?;
+    let lifetimes = Lifetimes {
+        token: a.token_ttl,
+        svid: a.svid_ttl,
+    };
     let mut mesh = tokio::select! {
-        mesh = start(file, &a.state) => mesh?,
+        mesh = start(file, &a.state, lifetimes) => mesh?,
         name = stops.recv() => {
             eprintln!("musubi up: {name} while starting; stopped");
             return Ok(());
@@ -479,6 +512,7 @@ pub async fn up(a: UpArgs) -> Result<()> {
         let _ = writeln!(std::io::stdout(), "stopping…");
     }
     mesh.children.stop();
+    mesh.token_refresh.abort();
     mesh.controller.shutdown().await;
     mesh.identity.shutdown().await;
     if failures > 0 {

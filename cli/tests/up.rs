@@ -428,3 +428,120 @@ fn run_for_stops_everything() {
 fn sigkill_of_up_leaves_nothing_behind() {
     nothing_outlives_up(Ending::Sigkill);
 }
+
+fn identity(admin: &str) -> (String, std::time::SystemTime) {
+    let (status, body) = get(admin, "/debug/identity");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let sha = v["certificate_sha256"].as_str().unwrap().to_string();
+    let not_after = humantime::parse_rfc3339(v["not_after"].as_str().unwrap()).unwrap();
+    (sha, not_after)
+}
+
+fn claims(token: &str) -> serde_json::Value {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).unwrap();
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    serde_json::from_slice(&json).unwrap()
+}
+
+/// With tokens that live 4 s, certificates that live 30 s and the identity service refusing a
+/// token the second it expires, every proxy keeps getting new certificates long after the
+/// first tokens expired: `up` mints them again, and the proxies read the new ones.
+#[test]
+fn tokens_are_minted_again_and_certificates_keep_renewing() {
+    use std::os::unix::fs::PermissionsExt;
+    const TOKEN_TTL: Duration = Duration::from_secs(4);
+    let state = tempfile::tempdir().unwrap();
+    let up = up(
+        &[
+            "--token-ttl",
+            "4s",
+            "--svid-ttl",
+            "30s",
+            "--traffic-every",
+            "0.5",
+        ],
+        state.path(),
+    );
+    let started = Instant::now();
+    let admins: Vec<(String, String)> = services(&up.lines)
+        .into_iter()
+        .map(|(name, _, admin)| (name, admin))
+        .collect();
+    assert_eq!(admins.len(), 3, "{:#?}", up.lines);
+    let token_path = state.path().join("tokens").join("demo.web.jwt");
+
+    // Per proxy: each certificate it held, with when it was first seen.
+    let mut certs: Vec<Vec<(String, std::time::SystemTime, Duration)>> = vec![Vec::new(); 3];
+    let mut tokens: Vec<String> = Vec::new();
+    let enough = |certs: &[Vec<(String, std::time::SystemTime, Duration)>]| {
+        certs
+            .iter()
+            .all(|c| c.len() >= 4 && c.last().is_some_and(|(_, _, seen)| *seen >= TOKEN_TTL * 3))
+    };
+    let deadline = started + Duration::from_secs(25);
+    while !enough(&certs) {
+        assert!(
+            Instant::now() < deadline,
+            "certificates did not keep renewing: {:#?}",
+            certs
+                .iter()
+                .zip(&admins)
+                .map(|(c, (name, _))| (name, c.iter().map(|x| x.2).collect::<Vec<_>>()))
+                .collect::<Vec<_>>()
+        );
+        for ((_, admin), seen) in admins.iter().zip(certs.iter_mut()) {
+            let (sha, not_after) = identity(admin);
+            if seen.last().map(|c| &c.0) != Some(&sha) {
+                seen.push((sha, not_after, started.elapsed()));
+            }
+        }
+        let token = std::fs::read_to_string(&token_path).unwrap();
+        if tokens.last() != Some(&token) {
+            tokens.push(token);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // `not_after` has whole seconds: two renewals within a second share it.
+    for c in &certs {
+        let not_after: Vec<_> = c.iter().map(|x| x.1).collect();
+        assert!(
+            not_after.windows(2).all(|w| w[1] >= w[0]) && not_after.last() > not_after.first(),
+            "each new certificate must live at least as long as the one before: {not_after:?}"
+        );
+    }
+    // The token file: private, replaced every couple of seconds, each token living 4 s.
+    let mode = std::fs::metadata(&token_path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(
+        tokens.len() >= 5,
+        "{} tokens in {:?}",
+        tokens.len(),
+        started.elapsed()
+    );
+    for t in &tokens {
+        let c = claims(t);
+        assert_eq!(c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap(), 4);
+    }
+    // And the mesh still works end to end, over the latest certificates.
+    let (status, body) = get(&entry(&up.lines), "/");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("greeting=hello from the store"), "{body}");
+    up.stop();
+}
+
+#[test]
+fn lifetimes_below_the_minimum_are_refused() {
+    for (flag, value) in [("--token-ttl", "3s"), ("--svid-ttl", "10s")] {
+        let out = Command::new(BIN)
+            .args(["up", flag, value, "--state", "/nonexistent/never-created"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(flag) && err.contains("too short"), "{err}");
+    }
+}
