@@ -3,8 +3,10 @@
 use clap::{Parser, Subcommand};
 
 mod control_plane;
+mod credentials;
 mod demo;
 mod spec;
+mod supervise;
 mod up;
 
 #[derive(Parser)]
@@ -39,6 +41,10 @@ enum Command {
         #[arg(value_enum)]
         app: demo::App,
     },
+    /// Run a program so that it (and whatever it starts) ends when the parent ends, as
+    /// `musubi up` does for each proxy and application.
+    #[command(hide = true)]
+    Supervise(supervise::SuperviseArgs),
 }
 
 fn main() {
@@ -54,6 +60,7 @@ fn main() {
             Command::Check { namespace } => check(&namespace).await,
             Command::Proxy => proxy().await,
             Command::Demo { app } => demo::run(app).await,
+            Command::Supervise(a) => supervise::run(a).await.map(|code| std::process::exit(code)),
         }
     });
     if let Err(e) = result {

@@ -1,17 +1,24 @@
 //! `musubi up`: the whole mesh on this machine, without root. The identity service and the
-//! controller run in this process; every proxy and every application is its own process.
+//! controller run in this process; every proxy and every application is its own process, each
+//! under a `musubi supervise` that ends it when `up` ends, however `up` ends.
 
+use crate::credentials;
 use crate::spec::{UpFile, UpService};
+use crate::supervise::{self, StopSignals};
 use anyhow::{Context, Result, bail};
 use musubi_identity::service::run::{self as identity_run, RunningService, ServiceConfig};
 use musubi_identity::service::server::ServeLimits;
 use musubi_identity::token::local::LocalIssuer;
 use musubi_identity::{TrustBundle, TrustDomain, ca};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::net::TcpListener;
+use tokio::signal::unix::SignalKind;
 
 pub const TOKEN_ISSUER: &str = "https://musubi.local/token-issuer";
 const IDENTITY_NAMESPACE: &str = "musubi";
@@ -30,6 +37,21 @@ pub struct UpArgs {
     /// Stop after this long instead of waiting for Ctrl-C (for scripts and tests).
     #[arg(long, value_parser = humantime::parse_duration)]
     run_for: Option<Duration>,
+    /// Lifetime of the service-account tokens the proxies present to the identity service
+    /// (at least 4s); each is minted again at half its lifetime.
+    #[arg(long, default_value = "1h", value_parser = credentials::parse_token_ttl)]
+    token_ttl: Duration,
+    /// Lifetime of the proxies' certificates (X509-SVIDs; at least 30s); proxies renew at
+    /// about 70 % of it.
+    #[arg(long, default_value = "24h", value_parser = credentials::parse_svid_ttl)]
+    svid_ttl: Duration,
+}
+
+/// How long tokens and certificates live.
+#[derive(Debug, Clone, Copy)]
+pub struct Lifetimes {
+    pub token: Duration,
+    pub svid: Duration,
 }
 
 /// Ports of one service's proxy and application.
@@ -91,7 +113,28 @@ fn ensure_ca(dir: &Path, td: &TrustDomain) -> Result<(Vec<u8>, Vec<u8>, Vec<u8>)
     ))
 }
 
-/// Child processes, stopped with SIGTERM (then waited for) when dropped.
+/// A command that runs `program` under `musubi supervise`, tied to this process's life (add
+/// the program's arguments, environment and output to it as to the program's own command).
+fn supervised(exe: &Path, program: impl AsRef<OsStr>) -> Command {
+    let mut cmd = Command::new(exe);
+    cmd.arg("supervise")
+        .arg("--parent")
+        .arg(std::process::id().to_string())
+        .arg("--")
+        .arg(program);
+    cmd
+}
+
+/// How long `stop` waits for the supervisors: their own bounded shutdown, and some slack.
+const STOP_TIMEOUT: Duration = supervise::GRACE
+    .saturating_add(supervise::KILL_WAIT)
+    .saturating_add(Duration::from_secs(2));
+
+/// The supervisors of the mesh's processes, stopped with SIGTERM (then waited for) when dropped.
+///
+/// PR_SET_PDEATHSIG fires when the *thread* that started a supervisor ends: they are started
+/// from the thread that runs `up` itself (the runtime's `block_on` thread, which lives as long
+/// as the process), never from a worker or blocking thread.
 #[derive(Default)]
 pub struct Children(Vec<(String, Child)>);
 
@@ -100,29 +143,30 @@ impl Children {
         self.0.push((name, child));
     }
 
-    /// SIGTERM to everyone (applications first, they were started last), then wait.
+    /// SIGTERM to every supervisor (applications first, they were started last), then wait for
+    /// all of them, within [`STOP_TIMEOUT`]; SIGKILL for any still there after it.
     pub fn stop(&mut self) {
-        for (_, child) in self.0.iter().rev() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-        }
-        for (name, child) in self.0.iter_mut().rev() {
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) => break,
-                    Ok(None) if std::time::Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(20))
-                    }
-                    _ => {
-                        eprintln!("musubi up: {name} did not stop in time; killing it");
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                }
+        for (_, child) in self.0.iter_mut().rev() {
+            // Not one already reaped: its pid may belong to someone else by now.
+            if matches!(child.try_wait(), Ok(None))
+                && let Ok(pid) = i32::try_from(child.id())
+            {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
             }
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            self.0
+                .retain_mut(|(_, child)| matches!(child.try_wait(), Ok(None)));
+            if self.0.is_empty() || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for (name, child) in self.0.iter_mut() {
+            eprintln!("musubi up: {name} did not stop in time; killing it");
+            let _ = child.kill();
+            let _ = child.wait();
         }
         self.0.clear();
     }
@@ -148,6 +192,8 @@ pub struct Mesh {
     pub children: Children,
     pub namespace: String,
     pub state: PathBuf,
+    /// Mints the proxies' tokens again before they expire.
+    pub token_refresh: tokio::task::JoinHandle<()>,
 }
 
 fn log_file(state: &Path, name: &str) -> Result<std::fs::File> {
@@ -164,7 +210,7 @@ pub fn service_env_name(name: &str) -> String {
 }
 
 /// Starts the whole mesh described by `file`; returns once every proxy is ready.
-pub async fn start(file: UpFile, state: &Path) -> Result<Mesh> {
+pub async fn start(file: UpFile, state: &Path, lifetimes: Lifetimes) -> Result<Mesh> {
     let exe = std::env::current_exe()?;
     let td = TrustDomain::new("cluster.local")?;
     let (anchors, issuer_cert, issuer_key) = ensure_ca(&state.join("ca"), &td)?;
@@ -178,8 +224,10 @@ pub async fn start(file: UpFile, state: &Path) -> Result<Mesh> {
         issuer_pem: (issuer_cert, issuer_key),
         issuer_files: None,
         reload_every: Duration::from_secs(5),
-        validator: Arc::new(tokens.validator()),
-        svid_ttl: Duration::from_secs(24 * 3600),
+        // One clock mints and checks the tokens: no skew to allow for, so a token is refused
+        // the second it expires.
+        validator: Arc::new(tokens.validator().with_leeway(Duration::ZERO)),
+        svid_ttl: lifetimes.svid,
         namespace: IDENTITY_NAMESPACE.into(),
         grpc: TcpListener::bind("127.0.0.1:0").await?,
         admin: Some(TcpListener::bind("127.0.0.1:0").await?),
@@ -210,16 +258,24 @@ pub async fn start(file: UpFile, state: &Path) -> Result<Mesh> {
 
     let token_dir = state.join("tokens");
     std::fs::create_dir_all(&token_dir)?;
+    let token_files = credentials::token_files(
+        &token_dir,
+        &file.namespace,
+        placements.iter().map(|p| p.svc.service_account()),
+    );
+    credentials::mint_all(&tokens, &token_files, lifetimes.token)?;
+    let token_refresh =
+        credentials::spawn_refresh(tokens.clone(), token_files.clone(), lifetimes.token);
     let anchors_path = state.join("ca").join("trust-anchor.crt");
     let mut children = Children::default();
     for p in &placements {
         let sa = p.svc.service_account();
-        let token_path = token_dir.join(format!("{}.{sa}.jwt", file.namespace));
-        let token = tokens
-            .mint(&file.namespace, sa, Duration::from_secs(24 * 3600))
-            .map_err(|e| anyhow::anyhow!("minting a token: {e}"))?;
-        write_secret(&token_path, &token)?;
-        let child = Command::new(&exe)
+        let token_path = token_files
+            .iter()
+            .find(|f| f.service_account == sa)
+            .map(|f| f.path.clone())
+            .context("no token file for a service account")?;
+        let child = supervised(&exe, &exe)
             .arg("proxy")
             .env("MUSUBI_PROXY_CAPTURE_MODE", "explicit")
             .env(
@@ -269,7 +325,7 @@ pub async fn start(file: UpFile, state: &Path) -> Result<Mesh> {
         }
     }
     for p in &placements {
-        let mut cmd = Command::new("sh");
+        let mut cmd = supervised(&exe, "sh");
         cmd.arg("-c")
             .arg(&p.svc.command)
             .env("PORT", p.app_port.to_string())
@@ -307,6 +363,7 @@ pub async fn start(file: UpFile, state: &Path) -> Result<Mesh> {
         children,
         namespace: file.namespace,
         state: state.to_path_buf(),
+        token_refresh,
     })
 }
 
@@ -359,7 +416,24 @@ pub async fn up(a: UpArgs) -> Result<()> {
         None => crate::spec::demo(&exe),
     };
     std::fs::create_dir_all(&a.state)?;
-    let mut mesh = start(file, &a.state).await?;
+    // Handlers first: a stop signal while the mesh starts ends the start (dropping what it
+    // started stops it) instead of killing `up` with the default action.
+    let mut stops = StopSignals::new(&[
+        ("SIGTERM", SignalKind::terminate()),
+        ("SIGINT", SignalKind::interrupt()),
+        ("SIGHUP", SignalKind::hangup()),
+    ])?;
+    let lifetimes = Lifetimes {
+        token: a.token_ttl,
+        svid: a.svid_ttl,
+    };
+    let mut mesh = tokio::select! {
+        mesh = start(file, &a.state, lifetimes) => mesh?,
+        name = stops.recv() => {
+            eprintln!("musubi up: {name} while starting; stopped");
+            return Ok(());
+        }
+    };
     let exposed: Vec<String> = mesh
         .placements
         .iter()
@@ -409,14 +483,12 @@ pub async fn up(a: UpArgs) -> Result<()> {
     println!();
     println!("Ctrl-C stops everything.");
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(a.traffic_every.max(0.05)));
     let deadline = a.run_for.map(|d| tokio::time::Instant::now() + d);
     let mut failures = 0u32;
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
+            _ = stops.recv() => break,
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
             _ = tick.tick() => {
                 if let Some(name) = mesh.children.exited() {
@@ -440,6 +512,7 @@ pub async fn up(a: UpArgs) -> Result<()> {
         let _ = writeln!(std::io::stdout(), "stopping…");
     }
     mesh.children.stop();
+    mesh.token_refresh.abort();
     mesh.controller.shutdown().await;
     mesh.identity.shutdown().await;
     if failures > 0 {
