@@ -11,10 +11,12 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// The verified client identity, added by the inbound proxy for the application. Any copy
 /// arriving from outside is removed first.
-pub const CLIENT_ID: HeaderName = HeaderName::from_static("musubi-client-id");
+pub const CLIENT_ID: HeaderName = HeaderName::from_static(CLIENT_ID_NAME);
+pub const CLIENT_ID_NAME: &str = "musubi-client-id";
 /// Set by the outbound proxy when the application spoke HTTP/1.x, so the inbound proxy gives the
 /// server application HTTP/1.x too. Values: `HTTP/1.1`, `HTTP/1.0`.
-pub const ORIG_PROTO: HeaderName = HeaderName::from_static("musubi-orig-proto");
+pub const ORIG_PROTO: HeaderName = HeaderName::from_static(ORIG_PROTO_NAME);
+pub const ORIG_PROTO_NAME: &str = "musubi-orig-proto";
 /// Set on responses the proxy itself generated (not the application), with the reason.
 pub const PROXY_ERROR: HeaderName = HeaderName::from_static("musubi-proxy-error");
 
@@ -28,13 +30,20 @@ pub fn incoming(b: hyper::body::Incoming) -> Body {
     b.boxed()
 }
 
-/// A request body for the application, with the headers only proxies may set removed from
-/// its trailers too (a client could otherwise send `musubi-client-id` as a trailer).
-pub fn without_proxy_trailers(b: hyper::body::Incoming) -> Body {
-    b.map_frame(|frame| match frame.into_trailers() {
+/// A request body with the headers only proxies may set removed from its trailers too (a
+/// client could otherwise send `musubi-client-id` as a trailer); `removed` hears of each.
+pub fn without_proxy_trailers(
+    b: hyper::body::Incoming,
+    removed: impl Fn(&'static str) + Send + Sync + 'static,
+) -> Body {
+    b.map_frame(move |frame| match frame.into_trailers() {
         Ok(mut trailers) => {
-            trailers.remove(CLIENT_ID);
-            trailers.remove(ORIG_PROTO);
+            if trailers.remove(CLIENT_ID).is_some() {
+                removed(CLIENT_ID_NAME);
+            }
+            if trailers.remove(ORIG_PROTO).is_some() {
+                removed(ORIG_PROTO_NAME);
+            }
             hyper::body::Frame::trailers(trailers)
         }
         Err(frame) => frame,

@@ -162,10 +162,17 @@ pub struct Metrics {
     pub discovery_watches: Gauge,
     pub discovery_evictions: Family<EvictionLabels, Counter>,
     pub policy_rules_dropped: Counter,
+    pub removed_headers: Family<HeaderLabels, Counter>,
     /// Authorities that are mesh services (outbound) or services of this workload (inbound).
     pub authorities: LabelCap,
     /// Verified client identities (inbound): only mesh members hold one, but keep it bounded.
     pub peers: LabelCap,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HeaderLabels {
+    pub direction: &'static str,
+    pub header: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -207,6 +214,7 @@ impl Metrics {
             discovery_watches: Gauge::default(),
             discovery_evictions: Family::default(),
             policy_rules_dropped: Counter::default(),
+            removed_headers: Family::default(),
             authorities: LabelCap::new(MAX_AUTHORITIES),
             peers: LabelCap::new(MAX_PEERS),
         };
@@ -301,7 +309,18 @@ impl Metrics {
             "Authorization rules from the controller that could not be used and were dropped",
             m.policy_rules_dropped.clone(),
         );
+        r.register(
+            "musubi_proxy_removed_headers",
+            "Headers only proxies may set, removed from what a client sent (a forged musubi-client-id, for one)",
+            m.removed_headers.clone(),
+        );
         m
+    }
+
+    pub fn removed_header(&self, direction: &'static str, header: &'static str) {
+        self.removed_headers
+            .get_or_create(&HeaderLabels { direction, header })
+            .inc();
     }
 
     pub fn accept_error(&self, direction: &'static str, reason: &'static str) {

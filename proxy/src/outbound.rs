@@ -208,8 +208,14 @@ async fn handle(
     slot: Slot,
 ) -> Response<Body> {
     // Headers only proxies set: whatever the application sent is not ours to forward.
-    req.headers_mut().remove(h::CLIENT_ID);
-    req.headers_mut().remove(h::ORIG_PROTO);
+    for (name, label) in [
+        (h::CLIENT_ID, h::CLIENT_ID_NAME),
+        (h::ORIG_PROTO, h::ORIG_PROTO_NAME),
+    ] {
+        if req.headers_mut().remove(name).is_some() {
+            ctx.metrics.removed_header(OUTBOUND, label);
+        }
+    }
     if req.method() == Method::CONNECT && target.is_none() {
         return connect_tunnel(ctx, req, slot).await;
     }

@@ -31,7 +31,8 @@ impl App {
 }
 
 /// Answers every request with a line describing it:
-/// `version=HTTP/1.1 client-id=<musubi-client-id or -> host=<Host or :authority> path=<path> body=<body>`.
+/// `version=HTTP/1.1 client-id=<musubi-client-id or -> host=<Host or :authority> path=<path>
+/// trailer-client-id=<musubi-client-id in the trailers, -, or none without trailers> body=<body>`.
 /// `/slow` waits 300 ms first. An `Upgrade` request is accepted with 101 and the connection
 /// then echoes bytes back.
 async fn describe(mut req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -78,14 +79,20 @@ async fn describe(mut req: Request<Incoming>) -> Result<Response<Full<Bytes>>, I
         host,
         req.uri().path()
     );
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let collected = req.into_body().collect().await.ok();
+    let trailer = collected
+        .as_ref()
+        .and_then(|c| c.trailers())
+        .map(|t| {
+            t.get("musubi-client-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string()
+        })
+        .unwrap_or_else(|| "none".into());
+    let body = collected.map(|b| b.to_bytes()).unwrap_or_default();
     Ok(Response::new(Full::new(Bytes::from(format!(
-        "{line} body={}",
+        "{line} trailer-client-id={trailer} body={}",
         String::from_utf8_lossy(&body)
     )))))
 }
@@ -112,6 +119,24 @@ pub fn http_on(listener: TcpListener) -> App {
                     )
                     .await;
             });
+        }
+    });
+    App { addr, task }
+}
+
+/// Like [`http`], but HTTP/1.1 only: an HTTP/2 preface is a protocol error to it.
+pub async fn http1_only() -> App {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), hyper::service::service_fn(describe)),
+            );
         }
     });
     App { addr, task }

@@ -37,6 +37,10 @@ pub struct Setup {
     pub policy: Option<InboundPolicy>,
     /// Watch this controller (address, identity) instead of the fixed tables.
     pub controller: Option<(std::net::SocketAddr, SpiffeId)>,
+    /// More `MUSUBI_PROXY_*` settings (limits, timeouts), over the defaults here.
+    pub env: Vec<(&'static str, String)>,
+    /// Do not wait for `/ready` (for tests of what happens before it).
+    pub no_wait: bool,
 }
 
 /// A destination served by one proxy's inbound listener.
@@ -107,6 +111,9 @@ pub async fn proxy(identity: &Identity, ns: &str, sa: &str, setup: Setup) -> Pro
         env.insert(config::CONTROLLER_ADDR, controller_addr.as_str());
         env.insert(config::CONTROLLER_IDENTITY, controller_id.as_str());
     }
+    for (k, v) in &setup.env {
+        env.insert(k, v.as_str());
+    }
     let cfg = Config::from_source(&env).expect("proxy config");
     let fixed = setup.controller.is_none();
     let token = identity
@@ -131,7 +138,7 @@ pub async fn proxy(identity: &Identity, ns: &str, sa: &str, setup: Setup) -> Pro
     .await
     .expect("proxy starts");
     assert!(
-        run::wait_ready(running.admin, Duration::from_secs(20)).await,
+        setup.no_wait || run::wait_ready(running.admin, Duration::from_secs(20)).await,
         "proxy {ns}/{sa} never became ready"
     );
     Proxy {

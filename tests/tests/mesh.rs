@@ -7,11 +7,13 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use musubi_proxy::destination::{Destination, Endpoint, Protocol, Transport};
 use musubi_proxy::policy::{InboundPolicy, MtlsMode, PortPolicy, PortProtocol, Rule};
 use musubi_tests::mesh::{Proxy, Setup, destination, destination_as, proxy};
 use musubi_tests::{Identity, apps, metric_value};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -180,6 +182,134 @@ async fn http2_crosses_the_mesh_as_http2() {
     assert!(
         body.contains("client-id=spiffe://cluster.local/ns/shop/sa/web "),
         "{body}"
+    );
+    assert!(
+        body.contains(" host=api.shop:80 "),
+        "the application sees the authority the caller addressed: {body}"
+    );
+}
+
+/// An HTTP/2 caller of an HTTP/1.1-only application (`protocol: http`): the server proxy
+/// speaks what the port is declared to speak, not what the caller spoke.
+#[tokio::test]
+async fn an_http2_caller_reaches_an_http1_only_application() {
+    let identity = Identity::start().await;
+    let app = apps::http1_only().await;
+    let mut policy = InboundPolicy::default();
+    policy.ports.insert(
+        app.port(),
+        PortPolicy {
+            protocol: PortProtocol::Http1,
+            ..PortPolicy::STRICT
+        },
+    );
+    let server = proxy(
+        &identity,
+        "shop",
+        "api",
+        Setup {
+            app_ports: vec![app.port()],
+            policy: Some(policy),
+            ..Setup::default()
+        },
+    )
+    .await;
+    let client = proxy(
+        &identity,
+        "shop",
+        "web",
+        Setup {
+            destinations: HashMap::from([(
+                "api.shop:80".to_string(),
+                destination("api.shop:80", &server, app.port()),
+            )]),
+            ..Setup::default()
+        },
+    )
+    .await;
+    let (status, body) = http2(client.running.outbound, "http://api.shop:80/h2-caller").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.starts_with("version=HTTP/1.1 "), "{body}");
+    assert!(body.contains(" host=api.shop:80 "), "{body}");
+    // A plaintext HTTP/2 caller at an exposed (PERMISSIVE) entry too.
+    let mut policy = InboundPolicy {
+        default: PortPolicy {
+            mtls: MtlsMode::Permissive,
+            ..PortPolicy::STRICT
+        },
+        ..InboundPolicy::default()
+    };
+    policy.ports.insert(
+        app.port(),
+        PortPolicy {
+            mtls: MtlsMode::Permissive,
+            protocol: PortProtocol::Http1,
+            ..PortPolicy::STRICT
+        },
+    );
+    let entry = proxy(
+        &identity,
+        "shop",
+        "api",
+        Setup {
+            app_ports: vec![app.port()],
+            policy: Some(policy),
+            ..Setup::default()
+        },
+    )
+    .await;
+    let (status, body) = http2(entry.running.inbound, "http://api.shop/entry").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.starts_with("version=HTTP/1.1 "), "{body}");
+}
+
+/// An endpoint without identity is reached in plaintext only where discovery says its
+/// namespace allows it; otherwise the client proxy refuses with 502 and counts it.
+#[tokio::test]
+async fn unmeshed_endpoints_are_reached_in_plaintext_only_where_allowed() {
+    let identity = Identity::start().await;
+    let app = apps::http().await;
+    let unmeshed = |allowed: bool| {
+        Arc::new(Destination {
+            authority: "legacy.shop.svc.cluster.local:80".into(),
+            protocol: Protocol::Detect,
+            endpoints: vec![Endpoint {
+                connect: app.addr,
+                app_port: app.port(),
+                identity: None,
+                weight: 1,
+                transport: Transport::Musubi,
+                plaintext_allowed: allowed,
+            }],
+            version: 1,
+        })
+    };
+    let client = proxy(
+        &identity,
+        "shop",
+        "web",
+        Setup {
+            destinations: HashMap::from([
+                ("legacy.shop:80".to_string(), unmeshed(true)),
+                ("strict.shop:80".to_string(), unmeshed(false)),
+            ]),
+            ..Setup::default()
+        },
+    )
+    .await;
+    let (status, body) = http1(client.running.outbound, "http://legacy.shop:80/p", &[]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("client-id=- "), "{body}");
+    let (status, body) = http1(client.running.outbound, "http://strict.shop:80/p", &[]).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(body.contains("is not meshed and mTLS is STRICT"), "{body}");
+    assert_eq!(
+        metric_value(
+            &client.metrics().await,
+            "musubi_proxy_refused_total",
+            "reason=\"not_meshed\""
+        ),
+        Some(1.0)
     );
 }
 

@@ -107,12 +107,18 @@ pub async fn to_app(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let orig = parts.headers.remove(h::ORIG_PROTO);
+    if orig.is_some() && !caller.via_musubi {
+        ctx.metrics.removed_header(INBOUND, h::ORIG_PROTO_NAME);
+    }
     let orig = orig
         .as_ref()
         .filter(|_| caller.via_musubi)
         .and_then(|v| v.to_str().ok());
     let client_version = parts.version;
     let http1 = to_http1(declared, orig, client_version, upgrade);
+    for _ in parts.headers.get_all(h::CLIENT_ID) {
+        ctx.metrics.removed_header(INBOUND, h::CLIENT_ID_NAME);
+    }
     parts.headers.remove(h::CLIENT_ID);
     if let Some(v) = &caller.header {
         parts.headers.insert(h::CLIENT_ID, v.clone());
@@ -120,7 +126,9 @@ pub async fn to_app(
     if !upgrade {
         h::strip_hop_by_hop(&mut parts.headers);
     }
-    let body = h::without_proxy_trailers(body);
+    let metrics = ctx.metrics.clone();
+    let body =
+        h::without_proxy_trailers(body, move |header| metrics.removed_header(INBOUND, header));
     let sent = if http1 {
         if !parts.headers.contains_key(http::header::HOST)
             && let Some(v) = authority.as_deref().and_then(|a| a.parse().ok())

@@ -47,18 +47,14 @@ pub async fn serve<S: Io>(
             );
         }
         Start::Raw => raw(ctx, Prefixed::new(buf.freeze(), io), None, port, &caller).await,
-        Start::Http => {
-            let _ = serve_auto(ctx, Prefixed::new(buf.freeze(), io), caller, port).await;
-        }
+        Start::Http => serve_auto(ctx, Prefixed::new(buf.freeze(), io), caller, port).await,
         Start::Detect => {
             let outcome = match detected(ctx, &mut io, &mut buf, deadline).await {
                 Some(o) => o,
                 None => return,
             };
             match plan::after_detection(outcome) {
-                Plan::Http => {
-                    let _ = serve_auto(ctx, Prefixed::new(buf.freeze(), io), caller, port).await;
-                }
+                Plan::Http => serve_auto(ctx, Prefixed::new(buf.freeze(), io), caller, port).await,
                 Plan::Raw => raw(ctx, Prefixed::new(buf.freeze(), io), None, port, &caller).await,
                 Plan::Close => {}
                 Plan::ServerFirst => server_first(ctx, io, buf, port, caller).await,
@@ -141,7 +137,7 @@ async fn server_first<S: Io>(
         }
         Plan::Http => {
             drop(app);
-            let _ = serve_auto(ctx, Prefixed::new(buf.freeze(), io), caller, port).await;
+            serve_auto(ctx, Prefixed::new(buf.freeze(), io), caller, port).await;
         }
         Plan::Close | Plan::ServerFirst => {}
     }
@@ -208,12 +204,7 @@ fn service(
 
 /// HTTP/1 or HTTP/2, whichever the stream speaks (plaintext, or an opaque mesh stream that
 /// carries HTTP: a CONNECT tunnel, for one).
-async fn serve_auto<S: Io>(
-    ctx: &Arc<Ctx>,
-    io: S,
-    caller: Arc<Caller>,
-    port: u16,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+async fn serve_auto<S: Io>(ctx: &Arc<Ctx>, io: S, caller: Arc<Caller>, port: u16) {
     let limits = &ctx.config.limits;
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -228,9 +219,22 @@ async fn serve_auto<S: Io>(
         .max_header_list_size(limits.max_header_bytes as u32);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service(ctx, caller, port));
     tokio::pin!(conn);
-    tokio::select! {
+    let result = tokio::select! {
         r = conn.as_mut() => r,
         _ = ctx.drain.signaled() => { conn.as_mut().graceful_shutdown(); conn.await }
+    };
+    if let Err(e) = result {
+        let timeout = e
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout);
+        count_end(ctx, timeout);
+    }
+}
+
+/// Counts a client that did not send its request head in time (slowloris).
+fn count_end(ctx: &Ctx, header_timeout: bool) {
+    if header_timeout {
+        ctx.metrics.refused(INBOUND, "header_timeout");
     }
 }
 
@@ -269,8 +273,12 @@ pub async fn serve_h1<S: Io>(
         .serve_connection(TokioIo::new(io), service(ctx, caller, port))
         .with_upgrades();
     tokio::pin!(conn);
-    tokio::select! {
+    let result = tokio::select! {
         r = conn.as_mut() => r,
         _ = ctx.drain.signaled() => { conn.as_mut().graceful_shutdown(); conn.await }
+    };
+    if let Err(e) = &result {
+        count_end(ctx, e.is_timeout());
     }
+    result
 }
