@@ -58,6 +58,8 @@ MUSUBI_K8S_BIN="$(tail -n 1 "${k8s_log}")"
 export MUSUBI_K8S_BIN
 # The Kubernetes tests fail, rather than skip, when the API server cannot start.
 export MUSUBI_REQUIRE_K8S=1
+# The network-namespace tests (transparent capture, init rules) fail, rather than skip, too.
+export MUSUBI_REQUIRE_NETNS=1
 "${MUSUBI_K8S_BIN}/kube-apiserver" --version
 
 step "tests"

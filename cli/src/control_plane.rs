@@ -92,7 +92,7 @@ pub async fn start(
     state: &Path,
     bundle: &TrustBundle,
     identity: &RunningService,
-    tokens: &LocalIssuer,
+    tokens: &Arc<LocalIssuer>,
     namespace: &str,
     placements: &[Placement],
 ) -> Result<Controller> {
@@ -101,18 +101,19 @@ pub async fn start(
     let source = FileSource::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let id = SpiffeId::workload(bundle.trust_domain(), "musubi", "musubi-controller")?;
     let store = CredentialStore::new();
-    let token = tokens
-        .mint(
-            "musubi",
-            "musubi-controller",
-            Duration::from_secs(24 * 3600),
-        )
-        .map_err(|e| anyhow::anyhow!("minting the controller's token: {e}"))?;
+    // A fresh short-lived token for every renewal: a fixed one would run out and take the
+    // controller's certificate with it.
+    let issuer = tokens.clone();
+    let mint = move || {
+        issuer
+            .mint("musubi", "musubi-controller", Duration::from_secs(600))
+            .map_err(|e| format!("minting the controller's token: {e}"))
+    };
     let renewal = Renewal {
         id: id.clone(),
         source: Arc::new(RemoteCertSource::new(
             client::connect(&identity.grpc_addr.to_string(), bundle, identity.id.clone())?,
-            TokenSource::Fixed(token),
+            TokenSource::Mint(Arc::new(mint)),
         )),
         store: store.clone(),
         bundle: bundle.clone(),

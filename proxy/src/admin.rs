@@ -54,6 +54,7 @@ impl Admin {
     }
 
     fn respond(&self, req: &Request<Incoming>, client: SocketAddr) -> Response<Full<Bytes>> {
+        let local = is_loopback(client);
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/metrics") => {
                 let mut r = Response::new(Full::new(Bytes::from(
@@ -68,7 +69,7 @@ impl Admin {
             (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
             (&Method::GET, "/ready") if self.ready() => text(StatusCode::OK, "ready\n"),
             (&Method::GET, "/ready") => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-            (&Method::POST, "/shutdown") if client.ip().is_loopback() => {
+            (&Method::POST, "/shutdown") if local => {
                 self.drain.start();
                 text(StatusCode::OK, "draining\n")
             }
@@ -76,7 +77,7 @@ impl Admin {
                 StatusCode::FORBIDDEN,
                 "POST /shutdown is accepted from localhost only\n",
             ),
-            (_, path) if path.starts_with("/debug/") && !client.ip().is_loopback() => text(
+            (_, path) if path.starts_with("/debug/") && !local => text(
                 StatusCode::FORBIDDEN,
                 "/debug/ is served to localhost only\n",
             ),
@@ -133,6 +134,16 @@ impl Admin {
     }
 }
 
+/// Loopback, also as an IPv4-mapped address on a dual-stack listener (`::ffff:127.0.0.1`).
+fn is_loopback(client: SocketAddr) -> bool {
+    match client.ip() {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+        v4 => v4.is_loopback(),
+    }
+}
+
 /// Connections the admin listener holds at once (probes, scrapes, the CLI).
 pub const MAX_CONNECTIONS: usize = 128;
 
@@ -153,5 +164,25 @@ pub async fn serve(admin: Arc<Admin>, listener: Listener, metrics: Arc<crate::me
                 .await;
             drop(slot);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_table() {
+        for (addr, want) in [
+            ("127.0.0.1:1", true),
+            ("127.8.0.1:1", true),
+            ("[::1]:1", true),
+            ("[::ffff:127.0.0.1]:1", true),
+            ("[::ffff:10.0.0.1]:1", false),
+            ("10.0.0.1:1", false),
+            ("[fd00::1]:1", false),
+        ] {
+            assert_eq!(is_loopback(addr.parse().unwrap()), want, "{addr}");
+        }
     }
 }

@@ -162,3 +162,44 @@ pub async fn tcp_echo() -> App {
     });
     App { addr, task }
 }
+
+/// What a test holds of [`holding`]: each `/hold` request that arrived, and the release.
+pub struct Hold {
+    pub arrived: tokio::sync::mpsc::UnboundedReceiver<String>,
+    pub release: tokio::sync::watch::Sender<bool>,
+}
+
+/// Like [`http`], but a request for `/hold` waits (after announcing itself with its path on
+/// `arrived`) until `release` is set: a request that is in flight for exactly as long as the
+/// test wants.
+pub async fn holding() -> (App, Hold) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (arrived_tx, arrived) = tokio::sync::mpsc::unbounded_channel();
+    let (release, released) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let arrived = arrived_tx.clone();
+            let released = released.clone();
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let arrived = arrived.clone();
+                let mut released = released.clone();
+                async move {
+                    if req.uri().path() == "/hold" {
+                        let _ = arrived.send(req.uri().to_string());
+                        let _ = released.wait_for(|r| *r).await;
+                    }
+                    describe(req).await
+                }
+            });
+            tokio::spawn(async move {
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
+            });
+        }
+    });
+    (App { addr, task }, Hold { arrived, release })
+}

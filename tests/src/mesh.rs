@@ -242,3 +242,93 @@ impl Controller {
         (self.addr, self.id.clone())
     }
 }
+
+/// A `musubi-proxy` process (the real binary) in explicit mode on 127.0.0.1, with a token file
+/// for the identity service: for what only a process shows (signals, exit codes).
+pub struct ProxyProcess {
+    pub child: crate::netns::Child,
+    pub inbound: std::net::SocketAddr,
+    pub outbound: std::net::SocketAddr,
+    pub admin: std::net::SocketAddr,
+    pub id: SpiffeId,
+    _dir: tempfile::TempDir,
+}
+
+impl ProxyProcess {
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.0.id() as i32)
+    }
+
+    pub async fn metrics(&self) -> String {
+        crate::http_get(&self.admin.to_string(), "/metrics").await
+    }
+}
+
+pub async fn proxy_process(
+    identity: &Identity,
+    ns: &str,
+    sa: &str,
+    app_ports: &[u16],
+    env: &[(&str, &str)],
+) -> ProxyProcess {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let anchors = dir.path().join("anchors.pem");
+    std::fs::write(&anchors, identity.ca.bundle.to_pem()).unwrap();
+    let token = dir.path().join("token");
+    let jwt = identity
+        .tokens
+        .mint(ns, sa, Duration::from_secs(3600))
+        .unwrap();
+    std::fs::write(&token, jwt).unwrap();
+    let ports: Vec<String> = app_ports.iter().map(u16::to_string).collect();
+    let mut cmd = std::process::Command::new(crate::netns::proxy_binary());
+    cmd.env(config::INBOUND_LISTEN, "127.0.0.1:0")
+        .env(config::OUTBOUND_LISTEN, "127.0.0.1:0")
+        .env(config::ADMIN_LISTEN, "127.0.0.1:0")
+        .env(config::CAPTURE_MODE, "explicit")
+        .env(config::APP_PORTS, ports.join(","))
+        .env(config::TRUST_ANCHORS, &anchors)
+        .env(config::NAMESPACE, ns)
+        .env(config::SERVICE_ACCOUNT, sa)
+        .env(config::TOKEN_FILE, &token)
+        .env(config::IDENTITY_ADDR, identity.addr())
+        .env(config::IDENTITY_NAMESPACE, "musubi")
+        .env(config::DRAIN_TIMEOUT, "10s")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = crate::netns::Child(cmd.spawn().expect("spawn musubi-proxy"));
+    let stdout = child.0.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .map(|_| line)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let addr = |key: &str| -> std::net::SocketAddr {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+            .parse()
+            .unwrap()
+    };
+    let (inbound, outbound, admin) = (addr("inbound="), addr("outbound="), addr("admin="));
+    assert!(
+        run::wait_ready(admin, Duration::from_secs(20)).await,
+        "proxy process {ns}/{sa} never became ready"
+    );
+    ProxyProcess {
+        child,
+        inbound,
+        outbound,
+        admin,
+        id: identity.id(ns, sa),
+        _dir: dir,
+    }
+}

@@ -42,9 +42,13 @@ pub fn skip_reason() -> Option<String> {
     None
 }
 
-/// Prints why the test is skipped and returns true, or returns false when it can run.
+/// Prints why the test is skipped and returns true, or returns false when it can run. With
+/// `MUSUBI_REQUIRE_NETNS` set (CI), a test that cannot run fails instead.
 pub fn skip(test: &str) -> bool {
     match skip_reason() {
+        Some(why) if std::env::var_os("MUSUBI_REQUIRE_NETNS").is_some() => {
+            panic!("MUSUBI_REQUIRE_NETNS is set but {test} cannot run: {why}")
+        }
         Some(why) => {
             println!("SKIPPED {test}: {why} (needs root, iproute2 and iptables)");
             true

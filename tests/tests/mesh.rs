@@ -14,6 +14,7 @@ use musubi_tests::{Identity, apps, metric_value};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -340,6 +341,26 @@ async fn upgrade_and_opaque_tunnels_carry_bytes_both_ways() {
     let mut buf = [0u8; 33];
     tcp.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"ping over the upgraded connection");
+    // Draining waits for the tunnel on both proxies, which keeps carrying bytes meanwhile.
+    let (client_drain, server_drain) = (
+        m.client.running.drain.clone(),
+        m.server.running.drain.clone(),
+    );
+    client_drain.start();
+    server_drain.start();
+    assert!(client_drain.active() >= 1 && server_drain.active() >= 1);
+    tcp.write_all(b"ping over the upgraded connection")
+        .await
+        .unwrap();
+    tcp.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping over the upgraded connection");
+    drop(tcp);
+    tokio::time::timeout(Duration::from_secs(10), client_drain.idle())
+        .await
+        .expect("the client proxy's tunnel ends with its connection");
+    tokio::time::timeout(Duration::from_secs(10), server_drain.idle())
+        .await
+        .expect("the server proxy's tunnel ends with its connection");
 
     // CONNECT: opaque TCP over mTLS to a TCP echo app behind the same server proxy. Its
     // port is declared opaque: the server proxy passes bytes to it untouched only then.
@@ -579,41 +600,133 @@ async fn client_refuses_an_endpoint_with_the_wrong_identity() {
     );
 }
 
+/// SIGTERM to a real proxy process while requests are in flight: it stops being ready, stops
+/// accepting, sends GOAWAY on HTTP/2 and `Connection: close` on HTTP/1, lets the in-flight
+/// requests finish, then exits 0. The requests are held by the application until the signal
+/// has been seen to take effect, so nothing depends on timing.
 #[tokio::test]
-async fn drain_lets_an_in_flight_request_finish() {
-    let m = mesh(None).await;
-    let outbound = m.client.running.outbound;
-    let in_flight =
-        tokio::spawn(async move { http1(outbound, "http://api.shop:80/slow", &[]).await });
-    // Wait until the server proxy is carrying the request, then start draining both proxies.
+async fn sigterm_drains_in_flight_requests_and_refuses_new_ones() {
+    use musubi_tests::mesh::proxy_process;
+    let identity = Identity::start().await;
+    let (app, mut hold) = apps::holding().await;
+    let server = proxy_process(&identity, "shop", "api", &[app.port()], &[]).await;
+    let client = proxy(
+        &identity,
+        "shop",
+        "web",
+        Setup {
+            destinations: HashMap::from([(
+                "api.shop:80".to_string(),
+                Arc::new(Destination {
+                    authority: "api.shop:80".into(),
+                    protocol: Protocol::Detect,
+                    endpoints: vec![Endpoint {
+                        connect: server.inbound,
+                        app_port: app.port(),
+                        identity: Some(server.id.clone()),
+                        weight: 1,
+                        transport: Transport::Musubi,
+                        plaintext_allowed: false,
+                    }],
+                    version: 1,
+                }),
+            )]),
+            ..Setup::default()
+        },
+    )
+    .await;
+    let outbound = client.running.outbound;
+    // In flight over HTTP/2 between the proxies.
+    let h2 = tokio::spawn(async move { http1(outbound, "http://api.shop:80/hold", &[]).await });
+    hold.arrived.recv().await.unwrap();
+    // In flight on an HTTP/1.1 mesh connection (the upgrade transport), from a peer of our own.
+    let store = identity.svid("shop", "web").await;
+    let mesh_tls = || {
+        musubi_identity::tls::client_config(
+            Some(store.clone()),
+            &identity.ca.bundle,
+            musubi_identity::tls::ServerIdentity::Exactly(server.id.clone()),
+            &[musubi_proxy::pool::ALPN],
+        )
+        .unwrap()
+    };
+    let inbound = server.inbound;
+    let port = app.port();
+    let peer = |protocol| {
+        let cfg = mesh_tls();
+        async move {
+            let tcp = TcpStream::connect(inbound).await.unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(cfg)
+                .connect(musubi_identity::tls::mesh_server_name(), tcp)
+                .await
+                .unwrap();
+            let header = musubi_proxy::transport::Header {
+                port,
+                protocol,
+                authority: None,
+            };
+            tls.write_all(&header.encode()).await.unwrap();
+            tls
+        }
+    };
+    let mut h1 = peer(musubi_proxy::transport::Protocol::Http1).await;
+    h1.write_all(b"GET /hold HTTP/1.1\r\nHost: api.shop\r\n\r\n")
+        .await
+        .unwrap();
+    hold.arrived.recv().await.unwrap();
+    // An idle HTTP/2 connection, to see its GOAWAY.
+    let idle = peer(musubi_proxy::transport::Protocol::Http2).await;
+    let (mut idle_send, idle_conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
+        TokioExecutor::new(),
+        TokioIo::new(idle),
+    )
+    .await
+    .unwrap();
+    let idle_conn = tokio::spawn(idle_conn);
+    idle_send.ready().await.unwrap();
+
+    nix::sys::signal::kill(server.pid(), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let admin = server.admin.to_string();
     musubi_tests::eventually(
-        "request in flight at the server proxy",
-        std::time::Duration::from_secs(10),
+        "the proxy says it is draining",
+        Duration::from_secs(10),
         || {
-            let s = &m.server;
+            let admin = admin.clone();
             async move {
-                let metrics = s.metrics().await;
-                metric_value(
-                    &metrics,
-                    "musubi_proxy_requests_total",
-                    "direction=\"inbound\"",
-                )
-                .filter(|v| *v >= 1.0)
+                let ready = musubi_tests::http_get(&admin, "/ready").await;
+                ready.contains("not ready").then_some(())
             }
         },
     )
     .await;
-    let client_drain = m.client.running.drain.clone();
-    let server_drain = m.server.running.drain.clone();
-    client_drain.start();
-    server_drain.start();
-    let (status, body) = in_flight.await.unwrap();
-    assert_eq!(status, StatusCode::OK, "{body}");
-    assert!(body.contains("path=/slow"));
-    tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        m.server.running.stopped(),
+    musubi_tests::eventually(
+        "new connections are refused",
+        Duration::from_secs(10),
+        || async { TcpStream::connect(server.inbound).await.err().map(|_| ()) },
     )
-    .await
-    .expect("server proxy stops");
+    .await;
+    tokio::time::timeout(Duration::from_secs(10), idle_conn)
+        .await
+        .expect("the idle HTTP/2 connection is closed by GOAWAY")
+        .unwrap()
+        .unwrap();
+    assert!(idle_send.is_closed());
+
+    // Only now do the held requests finish; both complete.
+    hold.release.send_replace(true);
+    let (status, body) = h2.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("path=/hold"), "{body}");
+    let mut answer = Vec::new();
+    h1.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+    let mut child = server.child;
+    let status = musubi_tests::eventually("the proxy exits", Duration::from_secs(15), || {
+        let done = child.0.try_wait().ok().flatten();
+        async move { done }
+    })
+    .await;
+    assert!(status.success(), "{status}");
 }

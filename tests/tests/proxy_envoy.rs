@@ -9,6 +9,7 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use musubi_proxy::destination::{Destination, Endpoint, Protocol, Transport};
+use musubi_proxy::policy::{InboundPolicy, MtlsMode, PortPolicy};
 use musubi_tests::envoy::Envoy;
 use musubi_tests::mesh::{Setup, proxy};
 use musubi_tests::{Identity, apps};
@@ -150,9 +151,28 @@ async fn envoy_calls_musubi_proxy_over_mtls() {
         },
     )
     .await;
+    // The same behind a PERMISSIVE port: there an mTLS peer that is not Musubi names the mesh
+    // server name in SNI, or its TLS is the application's own business.
+    let permissive = proxy(
+        &identity,
+        "shop",
+        "api",
+        Setup {
+            app_ports: vec![app.port()],
+            policy: Some(InboundPolicy {
+                default: PortPolicy {
+                    mtls: MtlsMode::Permissive,
+                    ..PortPolicy::STRICT
+                },
+                ..InboundPolicy::default()
+            }),
+            ..Setup::default()
+        },
+    )
+    .await;
     let envoy_id = identity.id("edge", "envoy");
     let svid = identity.ca.svid(&envoy_id);
-    let upstream = |name: &str, san: &str| {
+    let upstream_to = |name: &str, san: &str, port: u16, sni: &str| {
         format!(
             r#"
   - name: {name}
@@ -182,10 +202,11 @@ async fn envoy_calls_musubi_proxy_over_mtls() {
             match_typed_subject_alt_names:
             - san_type: URI
               matcher: {{ exact: "{san}" }}
-"#,
-            port = server.running.inbound.port()
+{sni}"#
         )
     };
+    let upstream =
+        |name: &str, san: &str| upstream_to(name, san, server.running.inbound.port(), "");
     let config = format!(
         r#"
 admin:
@@ -207,14 +228,30 @@ static_resources:
               routes:
               - match: {{ prefix: "/wrong" }}
                 route: {{ cluster: wrong_san }}
+              - match: {{ prefix: "/permissive-sni" }}
+                route: {{ cluster: permissive_sni }}
+              - match: {{ prefix: "/permissive-no-sni" }}
+                route: {{ cluster: permissive_no_sni }}
               - match: {{ prefix: "/" }}
                 route: {{ cluster: musubi_api }}
           http_filters:
           - name: envoy.filters.http.router
             typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
-  clusters:{}{}"#,
+  clusters:{}{}{}{}"#,
         upstream("musubi_api", "spiffe://cluster.local/ns/shop/sa/api"),
         upstream("wrong_san", "spiffe://cluster.local/ns/shop/sa/not-api"),
+        upstream_to(
+            "permissive_sni",
+            "spiffe://cluster.local/ns/shop/sa/api",
+            permissive.running.inbound.port(),
+            "        sni: musubi.mesh\n",
+        ),
+        upstream_to(
+            "permissive_no_sni",
+            "spiffe://cluster.local/ns/shop/sa/api",
+            permissive.running.inbound.port(),
+            "",
+        ),
     );
     let envoy = Envoy::start(
         &config,
@@ -236,4 +273,17 @@ static_resources:
     // Envoy refuses our proxy when it expects another identity.
     let (status, _) = get(SocketAddr::from(([127, 0, 0, 1], port)), "/wrong").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    // PERMISSIVE, SNI musubi.mesh: terminated as mesh mTLS, the app sees Envoy's identity.
+    let entry = SocketAddr::from(([127, 0, 0, 1], port));
+    let (status, body) = get(entry, "/permissive-sni").await;
+    assert_eq!(status, StatusCode::OK, "{body}\n{}", envoy.log());
+    assert!(
+        body.contains("client-id=spiffe://cluster.local/ns/edge/sa/envoy "),
+        "{body}"
+    );
+    // PERMISSIVE without it: the TLS is passed to the (plaintext) app untouched, which cannot
+    // make sense of it; no identity is handed out.
+    let (status, body) = get(entry, "/permissive-no-sni").await;
+    assert_ne!(status, StatusCode::OK, "{body}");
+    assert!(!body.contains("client-id="), "{body}");
 }

@@ -30,6 +30,8 @@ use std::time::{Duration, Instant};
 const PROXY_UID: &str = "2102";
 const CLIENT_IP: &str = "10.78.0.1";
 const SERVER_IP: &str = "10.78.0.2";
+const CLIENT_IP6: &str = "fd00:78::1";
+const SERVER_IP6: &str = "fd00:78::2";
 
 fn mesh_yaml() -> String {
     format!(
@@ -41,6 +43,7 @@ services:
     protocol: http
     endpoints:
       - {{ address: {SERVER_IP}, port: 8080, serviceAccount: api }}
+      - {{ address: "{SERVER_IP6}", port: 8080, serviceAccount: api }}
 workloads:
   - namespace: shop
     serviceAccount: api
@@ -111,10 +114,9 @@ fn start_proxy(
         "--clear-groups",
         bin.to_str().unwrap(),
     ]);
-    cmd.env(config::INBOUND_LISTEN, "0.0.0.0:4143")
-        .env(config::OUTBOUND_LISTEN, "127.0.0.1:4140")
-        .env(config::ADMIN_LISTEN, "0.0.0.0:4191")
-        .env(config::CAPTURE_MODE, "transparent")
+    // The default listen addresses: inbound and admin dual-stack, outbound on 127.0.0.1 and
+    // [::1] (where iptables and ip6tables redirect).
+    cmd.env(config::CAPTURE_MODE, "transparent")
         .env(config::TRUST_ANCHORS, &anchors)
         .env(config::NAMESPACE, "shop")
         .env(config::SERVICE_ACCOUNT, sa)
@@ -166,12 +168,21 @@ async fn transparent_mode_inside_a_network_namespace_with_init_rules() {
     let client = Arc::new(Netns::new("cli"));
     let server = Arc::new(Netns::new("srv"));
     let control = Arc::new(Netns::new("ctl"));
-    netns::link(
-        &client,
-        &[&format!("{CLIENT_IP}/24")],
-        &server,
-        &[&format!("{SERVER_IP}/24")],
-    );
+    let v6 = netns::ipv6();
+    let (client_addrs, server_addrs) = if v6 {
+        (
+            vec![format!("{CLIENT_IP}/24"), format!("{CLIENT_IP6}/64")],
+            vec![format!("{SERVER_IP}/24"), format!("{SERVER_IP6}/64")],
+        )
+    } else {
+        (
+            vec![format!("{CLIENT_IP}/24")],
+            vec![format!("{SERVER_IP}/24")],
+        )
+    };
+    let client_refs: Vec<&str> = client_addrs.iter().map(String::as_str).collect();
+    let server_refs: Vec<&str> = server_addrs.iter().map(String::as_str).collect();
+    netns::link(&client, &client_refs, &server, &server_refs);
     netns::link(&client, &["10.78.1.1/24"], &control, &["10.78.1.2/24"]);
     netns::link(&server, &["10.78.2.1/24"], &control, &["10.78.2.2/24"]);
 
@@ -191,6 +202,9 @@ async fn transparent_mode_inside_a_network_namespace_with_init_rules() {
     // The server application: plain HTTP on 8080 on all of the pod's addresses; it reports
     // the `musubi-client-id` header it received.
     let _app = apps::http_on(server.listen("0.0.0.0:8080"));
+    // An agent in the server pod that listens on loopback only (a Vault agent, pprof): no
+    // port of the workload, so nobody from outside the pod may reach it.
+    let _agent = apps::http_on(server.listen("127.0.0.1:8200"));
 
     init(&client);
     init(&server);
@@ -281,5 +295,86 @@ async fn transparent_mode_inside_a_network_namespace_with_init_rules() {
                 && !l.ends_with(" 0")),
         "server proxy did not refuse the plaintext connection:\n{metrics}"
     );
+    // IPv6: ip6tables takes the client's connection to the proxy's [::1] outbound listener,
+    // and the server proxy's dual-stack inbound listener receives it.
+    if v6 {
+        let c = client.clone();
+        let (status, body) = tokio::task::spawn_blocking(move || {
+            c.http_get(&format!("[{SERVER_IP6}]:8080"), "/over-ipv6")
+        })
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| {
+            panic!(
+                "IPv6 request failed: {e}\nserver proxy:\n{}",
+                server_proxy.log()
+            )
+        });
+        assert!(status.contains(" 200"), "{status}: {body}");
+        assert!(
+            body.contains("client-id=spiffe://cluster.local/ns/shop/sa/web"),
+            "{body}"
+        );
+    }
+
+    // The loopback-only agent: the client's request goes out (it is not a mesh service) and
+    // the server proxy refuses it, since 8200 is not a declared port.
+    let c = client.clone();
+    let agent =
+        tokio::task::spawn_blocking(move || c.http_get(&format!("{SERVER_IP}:8200"), "/v1/secret"))
+            .await
+            .unwrap();
+    assert!(
+        !matches!(&agent, Ok((status, _)) if status.contains(" 200")),
+        "the loopback-only agent was reached: {agent:?}"
+    );
+    // Plaintext straight to the server proxy's own inbound port (PREROUTING leaves 4143
+    // alone): a loop, refused at once.
+    let ctl = control.clone();
+    let looped = tokio::task::spawn_blocking(move || ctl.http_get("10.78.2.1:4143", "/"))
+        .await
+        .unwrap();
+    assert!(
+        !matches!(&looped, Ok((status, _)) if status.contains(" 200")),
+        "{looped:?}"
+    );
+    // The admin port answers probes and scrapes from anywhere, /debug/ only from the pod.
+    let ctl = control.clone();
+    let (status, _) =
+        tokio::task::spawn_blocking(move || ctl.http_get("10.78.2.1:4191", "/debug/config"))
+            .await
+            .unwrap()
+            .unwrap();
+    assert!(status.contains(" 403"), "{status}");
+    let ctl = control.clone();
+    let (status, _) = tokio::task::spawn_blocking(move || ctl.http_get("10.78.2.1:4191", "/ready"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.contains(" 200"), "{status}");
+    let s = server.clone();
+    let (status, debug) =
+        tokio::task::spawn_blocking(move || s.http_get("127.0.0.1:4191", "/debug/config"))
+            .await
+            .unwrap()
+            .unwrap();
+    assert!(status.contains(" 200"), "{status} {debug}");
+    assert!(debug.contains("inbound_policy"), "{debug}");
+    let s = server.clone();
+    let metrics = tokio::task::spawn_blocking(move || s.http_get("127.0.0.1:4191", "/metrics"))
+        .await
+        .unwrap()
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    for reason in ["port_not_allowed", "loop"] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("musubi_proxy_refused")
+                    && l.contains(&format!("reason=\"{reason}\""))
+                    && !l.ends_with(" 0")),
+            "no {reason} refusal counted:\n{metrics}"
+        );
+    }
     drop(controller);
 }
