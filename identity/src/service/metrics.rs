@@ -50,7 +50,7 @@ impl IdentityMetrics {
         );
         registry.register(
             "musubi_identity_issuer_reloads",
-            "Issuer certificate/key reloads from disk, by result (ok, refused)",
+            "Issuer certificate/key reloads from disk, by result (ok, refused, unreadable)",
             m.issuer_reloads.clone(),
         );
         m
