@@ -361,6 +361,41 @@ async fn renewal_succeeds_with_backoff_after_the_service_was_down() {
     task.abort();
 }
 
+async fn issuer_reloads(identity: &Identity, result: &str) -> f64 {
+    let m = identity.metrics().await;
+    metric_value(
+        &m,
+        "musubi_identity_issuer_reloads_total",
+        &format!("result=\"{result}\""),
+    )
+    .unwrap_or(0.0)
+}
+
+/// Waits until the service has counted `want` issuer reloads with `result`, and no more.
+async fn await_issuer_reloads(identity: &Identity, result: &str, want: f64) {
+    let got = eventually(
+        &format!("{want} issuer reloads {result}"),
+        Duration::from_secs(20),
+        || async move {
+            let n = issuer_reloads(identity, result).await;
+            (n >= want).then_some(n)
+        },
+    )
+    .await;
+    assert_eq!(got, want, "issuer reloads {result}");
+}
+
+/// Replaces a file in one step (write aside, rename), so a poll never reads half a file.
+fn replace_file(path: &std::path::Path, contents: &str) {
+    let aside = path.with_extension("new");
+    std::fs::write(&aside, contents).unwrap();
+    std::fs::rename(&aside, path).unwrap();
+}
+
+/// The issuer files are watched while serving. Every step changes one file and waits for the
+/// reload counter that proves the service read the result, so nothing depends on timing: a
+/// foreign pair (an issuer under another trust anchor) is read and refused and the old issuer
+/// keeps signing; then a good pair is taken up and signs.
 #[tokio::test]
 async fn issuer_files_rotate_while_serving() {
     let dir = tempfile::tempdir().unwrap();
@@ -380,13 +415,29 @@ async fn issuer_files_rotate_while_serving() {
         let key = store.certified_key().unwrap();
         cert::fingerprint(&key.cert[1])
     };
-    let first = identity.svid("a", "x").await;
-    assert_eq!(
-        issuer_of(&first),
-        cert::fingerprint(identity.ca.issuer.certificate())
-    );
+    let old = cert::fingerprint(identity.ca.issuer.certificate());
+    assert_eq!(issuer_of(&*identity.svid("a", "x").await), old);
+    for result in ["ok", "refused", "unreadable"] {
+        assert_eq!(issuer_reloads(&identity, result).await, 0.0, "{result}");
+    }
 
-    // Rotate: a new issuer from the same anchor. Key first, then certificate.
+    // A foreign pair, written key first as rotations write it. The old certificate with the
+    // foreign key is refused (they do not match), then the foreign pair itself (it does not
+    // chain to our trust anchor).
+    let foreign = musubi_identity::testing::TestCa::new("cluster.local");
+    replace_file(&key_path, &foreign.issuer_pem.key_pem);
+    await_issuer_reloads(&identity, "refused", 1.0).await;
+    replace_file(&cert_path, &foreign.issuer_pem.cert_pem);
+    await_issuer_reloads(&identity, "refused", 2.0).await;
+    assert_eq!(
+        issuer_of(&*identity.svid("a", "x").await),
+        old,
+        "still signed by the old issuer"
+    );
+    assert_eq!(issuer_reloads(&identity, "ok").await, 0.0);
+
+    // A good pair: a new issuer from our anchor. The foreign certificate with the new key is
+    // refused; the new pair is taken up.
     let next = musubi_identity::ca::generate_issuer(
         &identity.ca.trust_domain,
         &identity.ca.root.cert_pem,
@@ -395,47 +446,15 @@ async fn issuer_files_rotate_while_serving() {
         std::time::SystemTime::now(),
     )
     .unwrap();
-    std::fs::write(&key_path, &next.key_pem).unwrap();
-    std::fs::write(&cert_path, &next.cert_pem).unwrap();
-    let want = cert::fingerprint(&next.cert_der);
-    eventually(
-        "certificates signed by the new issuer",
-        Duration::from_secs(20),
-        || {
-            let identity = &identity;
-            let want = want.clone();
-            async move {
-                let store = identity.svid("a", "x").await;
-                (issuer_of(&store) == want).then_some(())
-            }
-        },
-    )
-    .await;
-
-    // A bad pair (an issuer from a foreign root) is refused; the new issuer keeps signing.
-    let foreign = musubi_identity::testing::TestCa::new("cluster.local");
-    std::fs::write(&key_path, &foreign.issuer_pem.key_pem).unwrap();
-    std::fs::write(&cert_path, &foreign.issuer_pem.cert_pem).unwrap();
-    eventually(
-        "refused reload counted",
-        Duration::from_secs(20),
-        || async {
-            let m = identity.metrics().await;
-            (metric_value(
-                &m,
-                "musubi_identity_issuer_reloads_total",
-                "result=\"refused\"",
-            )
-            .unwrap_or(0.0)
-                >= 1.0)
-                .then_some(())
-        },
-    )
-    .await;
-    let store = identity.svid("a", "x").await;
-    assert_eq!(issuer_of(&store), want);
-    let m = identity.metrics().await;
-    assert!(
-        metric_value(&m, "musubi_identity_issuer_reloads_total", "result=\"ok\"").unwrap() >= 1.0
+    replace_file(&key_path, &next.key_pem);
+    await_issuer_reloads(&identity, "refused", 3.0).await;
+    replace_file(&cert_path, &next.cert_pem);
+    await_issuer_reloads(&identity, "ok", 1.0).await;
+    assert_eq!(
+        issuer_of(&*identity.svid("a", "x").await),
+        cert::fingerprint(&next.cert_der),
+        "signed by the new issuer"
     );
+    assert_eq!(issuer_reloads(&identity, "refused").await, 3.0);
+    assert_eq!(issuer_reloads(&identity, "unreadable").await, 0.0);
 }
