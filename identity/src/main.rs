@@ -4,7 +4,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use musubi_identity::service::reload::IssuerFiles;
 use musubi_identity::service::run::{self, ServiceConfig};
-use musubi_identity::service::server::ServeLimits;
+use musubi_identity::service::server::{self as grpc_server, ServeLimits};
 use musubi_identity::token::{self, TokenValidator};
 use musubi_identity::{SpiffeId, TrustBundle, TrustDomain, ca};
 use std::path::{Path, PathBuf};
@@ -147,8 +147,26 @@ struct ServeArgs {
     #[arg(long, default_value_t = 1024)]
     max_inflight: usize,
     /// Concurrent Certify calls per connection.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = grpc_server::DEFAULT_PER_CONNECTION)]
     max_per_connection: u32,
+    /// Certify calls one client IP may have in flight at once; more are refused at once
+    /// (RESOURCE_EXHAUSTED, reason client_limit). Raise it if clients reach this service
+    /// through a NAT that hides their addresses.
+    #[arg(long, default_value_t = grpc_server::DEFAULT_PER_CLIENT,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_per_client: u32,
+    /// Requests of one client IP that may be refused as invalid (bad token, oversized CSR) per
+    /// minute, also the burst at once; past that its calls are refused without asking the token
+    /// validator (reason client_refusal_rate). 0 turns this off.
+    #[arg(long, default_value_t = grpc_server::DEFAULT_CLIENT_REFUSALS_PER_MINUTE)]
+    max_client_refusals_per_minute: u32,
+    /// How long a token the validator refused as invalid is refused again without asking it.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    token_negative_cache_ttl: Duration,
+    /// Most tokens remembered as refused (by their SHA-256, never the token); the oldest go
+    /// first. 0 turns the cache off.
+    #[arg(long, default_value_t = grpc_server::DEFAULT_NEGATIVE_CACHE_SIZE)]
+    token_negative_cache_size: usize,
 }
 
 fn main() {
@@ -364,6 +382,10 @@ async fn serve(a: ServeArgs) -> Result<()> {
         admin: Some(admin),
         limits: ServeLimits {
             per_connection: a.max_per_connection,
+            per_client: a.max_per_client,
+            client_refusals_per_minute: a.max_client_refusals_per_minute,
+            negative_cache_ttl: a.token_negative_cache_ttl,
+            negative_cache_size: a.token_negative_cache_size,
             ..ServeLimits::default()
         },
         max_inflight: a.max_inflight,
@@ -380,4 +402,46 @@ async fn serve(a: ServeArgs) -> Result<()> {
         running.id
     );
     cli_dev::run_until_signal(running).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serve_flag_defaults_are_the_service_defaults() {
+        let cli = Cli::try_parse_from([
+            "musubi-identity",
+            "serve",
+            "--trust-anchors=a",
+            "--issuer-cert=b",
+            "--issuer-key=c",
+        ])
+        .unwrap();
+        let Command::Serve(a) = cli.command else {
+            panic!("not serve");
+        };
+        let d = ServeLimits::default();
+        assert_eq!(a.max_per_connection, d.per_connection);
+        assert_eq!(a.max_per_client, d.per_client);
+        assert_eq!(
+            a.max_client_refusals_per_minute,
+            d.client_refusals_per_minute
+        );
+        assert_eq!(a.token_negative_cache_ttl, d.negative_cache_ttl);
+        assert_eq!(a.token_negative_cache_size, d.negative_cache_size);
+    }
+
+    #[test]
+    fn zero_per_client_is_refused() {
+        let parsed = Cli::try_parse_from([
+            "musubi-identity",
+            "serve",
+            "--trust-anchors=a",
+            "--issuer-cert=b",
+            "--issuer-key=c",
+            "--max-per-client=0",
+        ]);
+        assert!(parsed.is_err());
+    }
 }

@@ -3,18 +3,26 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: fail loudly
 
-use musubi_identity::cert;
+use hyper_util::rt::TokioIo;
 use musubi_identity::client::{self, TokenSource};
 use musubi_identity::csr::build_csr;
 use musubi_identity::renew::{CertSource, RenewError, RenewPolicy};
-use musubi_identity::token::BoxFuture;
+use musubi_identity::service::REFUSAL_HEADER;
+use musubi_identity::tls::{self, ServerIdentity};
 use musubi_identity::token::local::{LocalIssuer, MintOptions, Override};
+use musubi_identity::token::{BoxFuture, TokenError, TokenValidator};
+use musubi_identity::{Workload, cert};
 use musubi_proto::identity::v1::CertifyRequest;
 use musubi_proto::identity::v1::identity_client::IdentityClient;
 use musubi_tests::{Identity, TOKEN_ISSUER, eventually, metric_value};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 use tonic::Code;
 
 fn p256() -> rcgen::KeyPair {
@@ -361,6 +369,41 @@ async fn renewal_succeeds_with_backoff_after_the_service_was_down() {
     task.abort();
 }
 
+async fn issuer_reloads(identity: &Identity, result: &str) -> f64 {
+    let m = identity.metrics().await;
+    metric_value(
+        &m,
+        "musubi_identity_issuer_reloads_total",
+        &format!("result=\"{result}\""),
+    )
+    .unwrap_or(0.0)
+}
+
+/// Waits until the service has counted `want` issuer reloads with `result`, and no more.
+async fn await_issuer_reloads(identity: &Identity, result: &str, want: f64) {
+    let got = eventually(
+        &format!("{want} issuer reloads {result}"),
+        Duration::from_secs(20),
+        || async move {
+            let n = issuer_reloads(identity, result).await;
+            (n >= want).then_some(n)
+        },
+    )
+    .await;
+    assert_eq!(got, want, "issuer reloads {result}");
+}
+
+/// Replaces a file in one step (write aside, rename), so a poll never reads half a file.
+fn replace_file(path: &std::path::Path, contents: &str) {
+    let aside = path.with_extension("new");
+    std::fs::write(&aside, contents).unwrap();
+    std::fs::rename(&aside, path).unwrap();
+}
+
+/// The issuer files are watched while serving. Every step changes one file and waits for the
+/// reload counter that proves the service read the result, so nothing depends on timing: a
+/// foreign pair (an issuer under another trust anchor) is read and refused and the old issuer
+/// keeps signing; then a good pair is taken up and signs.
 #[tokio::test]
 async fn issuer_files_rotate_while_serving() {
     let dir = tempfile::tempdir().unwrap();
@@ -380,13 +423,29 @@ async fn issuer_files_rotate_while_serving() {
         let key = store.certified_key().unwrap();
         cert::fingerprint(&key.cert[1])
     };
-    let first = identity.svid("a", "x").await;
-    assert_eq!(
-        issuer_of(&first),
-        cert::fingerprint(identity.ca.issuer.certificate())
-    );
+    let old = cert::fingerprint(identity.ca.issuer.certificate());
+    assert_eq!(issuer_of(&*identity.svid("a", "x").await), old);
+    for result in ["ok", "refused", "unreadable"] {
+        assert_eq!(issuer_reloads(&identity, result).await, 0.0, "{result}");
+    }
 
-    // Rotate: a new issuer from the same anchor. Key first, then certificate.
+    // A foreign pair, written key first as rotations write it. The old certificate with the
+    // foreign key is refused (they do not match), then the foreign pair itself (it does not
+    // chain to our trust anchor).
+    let foreign = musubi_identity::testing::TestCa::new("cluster.local");
+    replace_file(&key_path, &foreign.issuer_pem.key_pem);
+    await_issuer_reloads(&identity, "refused", 1.0).await;
+    replace_file(&cert_path, &foreign.issuer_pem.cert_pem);
+    await_issuer_reloads(&identity, "refused", 2.0).await;
+    assert_eq!(
+        issuer_of(&*identity.svid("a", "x").await),
+        old,
+        "still signed by the old issuer"
+    );
+    assert_eq!(issuer_reloads(&identity, "ok").await, 0.0);
+
+    // A good pair: a new issuer from our anchor. The foreign certificate with the new key is
+    // refused; the new pair is taken up.
     let next = musubi_identity::ca::generate_issuer(
         &identity.ca.trust_domain,
         &identity.ca.root.cert_pem,
@@ -395,47 +454,288 @@ async fn issuer_files_rotate_while_serving() {
         std::time::SystemTime::now(),
     )
     .unwrap();
-    std::fs::write(&key_path, &next.key_pem).unwrap();
-    std::fs::write(&cert_path, &next.cert_pem).unwrap();
-    let want = cert::fingerprint(&next.cert_der);
+    replace_file(&key_path, &next.key_pem);
+    await_issuer_reloads(&identity, "refused", 3.0).await;
+    replace_file(&cert_path, &next.cert_pem);
+    await_issuer_reloads(&identity, "ok", 1.0).await;
+    assert_eq!(
+        issuer_of(&*identity.svid("a", "x").await),
+        cert::fingerprint(&next.cert_der),
+        "signed by the new issuer"
+    );
+    assert_eq!(issuer_reloads(&identity, "refused").await, 3.0);
+    assert_eq!(issuer_reloads(&identity, "unreadable").await, 0.0);
+}
+
+/// Stands in for a slow Kubernetes TokenReview: the real local-issuer (JWKS) validator with
+/// every call delayed. Counts calls per token, and junk tokens under review at once.
+struct SlowTokenReview {
+    inner: Arc<dyn TokenValidator>,
+    delay: Duration,
+    calls: Mutex<HashMap<String, usize>>,
+    junk_now: AtomicUsize,
+    junk_peak: AtomicUsize,
+}
+
+/// Counts a junk review out when it ends, however it ends.
+struct Reviewing<'a>(&'a AtomicUsize);
+
+impl Drop for Reviewing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl SlowTokenReview {
+    fn calls(&self, token: &str) -> usize {
+        self.calls.lock().unwrap().get(token).copied().unwrap_or(0)
+    }
+}
+
+impl TokenValidator for SlowTokenReview {
+    fn validate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Workload, TokenError>> {
+        Box::pin(async move {
+            *self
+                .calls
+                .lock()
+                .unwrap()
+                .entry(token.to_string())
+                .or_default() += 1;
+            let _reviewing = token.starts_with(JUNK_HEADER).then(|| {
+                let now = self.junk_now.fetch_add(1, Ordering::SeqCst) + 1;
+                self.junk_peak.fetch_max(now, Ordering::SeqCst);
+                Reviewing(&self.junk_now)
+            });
+            // The API server's latency, not a wait for a condition.
+            tokio::time::sleep(self.delay).await;
+            self.inner.validate(token).await
+        })
+    }
+}
+
+/// base64url of `{"alg":"ES256","kid":"junk"}`: a key the validator does not know.
+const JUNK_HEADER: &str = "eyJhbGciOiJFUzI1NiIsImtpZCI6Imp1bmsifQ";
+
+/// A distinct JWT-shaped token that proves nothing.
+fn junk_token(n: usize) -> String {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let payload = format!(r#"{{"iss":"{TOKEN_ISSUER}","sub":"junk","n":{n}}}"#);
+    format!("{JUNK_HEADER}.{}.{}", b64(&payload), b64("not a signature"))
+}
+
+/// Connects to the identity service over TLS from `source` (any port), like
+/// `client::connect` does from the default address.
+#[derive(Clone)]
+struct ConnectFrom {
+    source: IpAddr,
+    target: SocketAddr,
+    tls: tokio_rustls::TlsConnector,
+}
+
+impl tonic::codegen::Service<http::Uri> for ConnectFrom {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::new(this.source, 0))?;
+            let tcp = socket.connect(this.target).await?;
+            tcp.set_nodelay(true)?;
+            let tls = this.tls.connect(tls::mesh_server_name(), tcp).await?;
+            Ok(TokioIo::new(tls))
+        })
+    }
+}
+
+fn channel_from(identity: &Identity, source: IpAddr) -> tonic::transport::Channel {
+    let config = tls::client_config(
+        None,
+        &identity.ca.bundle,
+        ServerIdentity::Exactly(identity.service.id.clone()),
+        &[client::ALPN_H2],
+    )
+    .unwrap();
+    tonic::transport::Endpoint::from_shared(format!("http://{}", identity.service.grpc_addr))
+        .unwrap()
+        .timeout(Duration::from_secs(10))
+        .connect_with_connector_lazy(ConnectFrom {
+            source,
+            target: identity.service.grpc_addr,
+            tls: tokio_rustls::TlsConnector::from(config),
+        })
+}
+
+/// The reason label a refusal carries, as the client sees it.
+fn reason_of(status: &tonic::Status) -> String {
+    status
+        .metadata()
+        .get(REFUSAL_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map_or_else(
+            || format!("no reason ({:?})", status.code()),
+            str::to_string,
+        )
+}
+
+const PER_CLIENT: u32 = 4;
+
+/// One client (127.0.0.2) floods the service with distinct junk tokens over several
+/// connections while the token validator is slow. Its calls are capped at its share, so a real
+/// renewal from another client (127.0.0.1) is still issued promptly; every refusal is counted
+/// by the reason the client saw; and a junk token sent twice reaches the validator once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_token_flood_from_one_client_does_not_starve_renewals() {
+    const CONNECTIONS: usize = 4;
+    const CALLS_PER_CONNECTION: usize = 16;
+    let flood_source: IpAddr = "127.0.0.2".parse().unwrap();
+    let mut review = None;
+    let identity = Identity::start_with(|cfg| {
+        let slow = Arc::new(SlowTokenReview {
+            inner: cfg.validator.clone(),
+            delay: Duration::from_millis(200),
+            calls: Mutex::default(),
+            junk_now: AtomicUsize::new(0),
+            junk_peak: AtomicUsize::new(0),
+        });
+        cfg.validator = slow.clone();
+        review = Some(slow);
+        // Room for four clients' worth of calls: without a per-client limit the flood takes it all.
+        cfg.max_inflight = 16;
+        cfg.limits.per_client = PER_CLIENT;
+        cfg.limits.client_refusals_per_minute = 20;
+    })
+    .await;
+    let review = review.unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
+    let next_token = Arc::new(AtomicUsize::new(0));
+    let mut flood = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let channel = channel_from(&identity, flood_source);
+        for _ in 0..CALLS_PER_CONNECTION {
+            let mut grpc = IdentityClient::new(channel.clone());
+            let (stop, seen, next_token) = (stop.clone(), seen.clone(), next_token.clone());
+            flood.push(tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    let token = junk_token(next_token.fetch_add(1, Ordering::SeqCst));
+                    let status = grpc
+                        .certify(CertifyRequest { csr: vec![], token })
+                        .await
+                        .expect_err("a junk token was accepted");
+                    *seen.lock().unwrap().entry(reason_of(&status)).or_default() += 1;
+                }
+            }));
+        }
+    }
+    let seen_count = |reason: &str| seen.lock().unwrap().get(reason).copied().unwrap_or(0);
+
     eventually(
-        "certificates signed by the new issuer",
+        "the flood to fill its share of the validator",
         Duration::from_secs(20),
         || {
-            let identity = &identity;
-            let want = want.clone();
-            async move {
-                let store = identity.svid("a", "x").await;
-                (issuer_of(&store) == want).then_some(())
-            }
+            let n = review.junk_now.load(Ordering::SeqCst);
+            async move { (n >= PER_CLIENT as usize).then_some(()) }
         },
     )
     .await;
-
-    // A bad pair (an issuer from a foreign root) is refused; the new issuer keeps signing.
-    let foreign = musubi_identity::testing::TestCa::new("cluster.local");
-    std::fs::write(&key_path, &foreign.issuer_pem.key_pem).unwrap();
-    std::fs::write(&cert_path, &foreign.issuer_pem.cert_pem).unwrap();
+    for i in 0..3 {
+        let started = Instant::now();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            identity.renewal("a", "x").renew_once(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("renewal {i} took over 5 s during the flood"))
+        .unwrap_or_else(|e| panic!("renewal {i} refused during the flood: {e}"));
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
     eventually(
-        "refused reload counted",
+        "the flooding client to be throttled for its refusals",
         Duration::from_secs(20),
-        || async {
-            let m = identity.metrics().await;
-            (metric_value(
-                &m,
-                "musubi_identity_issuer_reloads_total",
-                "result=\"refused\"",
-            )
-            .unwrap_or(0.0)
-                >= 1.0)
-                .then_some(())
+        || {
+            let n = seen_count("client_refusal_rate");
+            async move { (n > 0).then_some(()) }
         },
     )
     .await;
-    let store = identity.svid("a", "x").await;
-    assert_eq!(issuer_of(&store), want);
-    let m = identity.metrics().await;
+    stop.store(true, Ordering::SeqCst);
+    for task in flood {
+        task.await.unwrap();
+    }
+
+    // The same junk token twice, from the well-behaved client: refused alike, reviewed once.
+    let replayed = junk_token(usize::MAX);
+    let first = certify(&identity, vec![], replayed.clone())
+        .await
+        .unwrap_err();
+    let second = certify(&identity, vec![], replayed.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(first.code(), Code::Unauthenticated, "{first:?}");
+    assert_eq!(
+        (second.code(), reason_of(&second), second.message()),
+        (first.code(), reason_of(&first), first.message())
+    );
+    assert_eq!(reason_of(&first), "token_bad_signature");
+    assert_eq!(
+        review.calls(&replayed),
+        1,
+        "the replay reached the validator"
+    );
+    *seen.lock().unwrap().entry(reason_of(&first)).or_default() += 2;
+
+    // The flood never held more than its share; what it saw is what the service counted.
     assert!(
-        metric_value(&m, "musubi_identity_issuer_reloads_total", "result=\"ok\"").unwrap() >= 1.0
+        review.junk_peak.load(Ordering::SeqCst) <= PER_CLIENT as usize,
+        "junk tokens under review at once: {}",
+        review.junk_peak.load(Ordering::SeqCst)
+    );
+    let seen = seen.lock().unwrap().clone();
+    let reasons: Vec<&str> = seen.keys().map(String::as_str).collect();
+    assert_eq!(
+        reasons,
+        ["client_limit", "client_refusal_rate", "token_bad_signature"],
+        "{seen:?}"
+    );
+    let metrics = identity.metrics().await;
+    for (reason, n) in &seen {
+        assert_eq!(
+            metric_value(
+                &metrics,
+                "musubi_identity_refusals_total",
+                &format!("reason=\"{reason}\"")
+            ),
+            Some(*n as f64),
+            "refusals for {reason}"
+        );
+    }
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "musubi_identity_refusals_total",
+            "reason=\"overloaded\""
+        ),
+        None
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "musubi_identity_token_negative_cache_hits_total",
+            ""
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(&metrics, "musubi_identity_certificates_issued_total", ""),
+        Some(3.0)
     );
 }

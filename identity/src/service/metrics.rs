@@ -22,6 +22,7 @@ pub struct IdentityMetrics {
     pub refusals: Family<ReasonLabel, Counter>,
     pub latency: Histogram,
     pub issuer_reloads: Family<ResultLabel, Counter>,
+    pub negative_cache_hits: Counter,
 }
 
 impl IdentityMetrics {
@@ -32,6 +33,7 @@ impl IdentityMetrics {
             // 50 µs .. ~1.6 s
             latency: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
             issuer_reloads: Family::default(),
+            negative_cache_hits: Counter::default(),
         };
         registry.register(
             "musubi_identity_certificates_issued",
@@ -50,8 +52,13 @@ impl IdentityMetrics {
         );
         registry.register(
             "musubi_identity_issuer_reloads",
-            "Issuer certificate/key reloads from disk, by result (ok, refused)",
+            "Issuer certificate/key reloads from disk, by result (ok, refused, unreadable)",
             m.issuer_reloads.clone(),
+        );
+        registry.register(
+            "musubi_identity_token_negative_cache_hits",
+            "Certify requests refused from the cache of tokens the validator refused, without asking it again",
+            m.negative_cache_hits.clone(),
         );
         m
     }

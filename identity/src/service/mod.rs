@@ -4,7 +4,9 @@
 //! key, and must not ask for anything else (see [`crate::csr`]).
 
 pub mod admin;
+pub mod clients;
 pub mod metrics;
+pub mod negative_cache;
 pub mod reload;
 pub mod run;
 pub mod server;
@@ -15,9 +17,12 @@ use crate::renew::{CertSource, RenewError};
 use crate::spiffe_id::{SpiffeId, TrustDomain, Workload};
 use crate::token::{BoxFuture, TokenError, TokenValidator};
 use arc_swap::ArcSwap;
+use clients::{ClientGate, ClientRefusal};
 use metrics::IdentityMetrics;
 use musubi_proto::identity::v1::{CertifyRequest, CertifyResponse, identity_server};
-use std::sync::Arc;
+use negative_cache::NegativeCache;
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
@@ -102,6 +107,59 @@ pub fn certify_for(
     Ok((id, leaf))
 }
 
+/// What a refusal by the per-client limits tells the client.
+pub fn client_refusal(refused: &ClientRefusal, peer: IpAddr) -> Refusal {
+    let exhausted = |reason, message| Refusal {
+        code: tonic::Code::ResourceExhausted,
+        reason,
+        message,
+    };
+    match refused {
+        ClientRefusal::Busy { limit } => exhausted(
+            "client_limit",
+            format!(
+                "too many certificate requests from {peer} at once (at most {limit} per client); \
+                 wait for the earlier ones to finish, then retry with backoff"
+            ),
+        ),
+        ClientRefusal::Throttled { retry_after } => exhausted(
+            "client_refusal_rate",
+            format!(
+                "too many requests from {peer} carried invalid tokens lately; fix the workload's \
+                 token and retry in {} s or later",
+                retry_after.as_secs().max(1)
+            ),
+        ),
+        ClientRefusal::Full => exhausted(
+            "overloaded",
+            "too many clients have certificate requests in flight; retry with backoff".into(),
+        ),
+    }
+}
+
+/// A refused call, and whether it is one of many alike (load shed, or a token refused before)
+/// that is logged at debug only, so that a flood of them does not flood the log as well.
+struct Refused {
+    refusal: Refusal,
+    routine: bool,
+}
+
+impl<E: Into<Refusal>> From<E> for Refused {
+    fn from(e: E) -> Self {
+        Refused {
+            refusal: e.into(),
+            routine: false,
+        }
+    }
+}
+
+fn routine(refusal: Refusal) -> Refused {
+    Refused {
+        refusal,
+        routine: true,
+    }
+}
+
 /// The gRPC service.
 pub struct IdentityService {
     pub issuer: IssuerHandle,
@@ -111,24 +169,59 @@ pub struct IdentityService {
     pub metrics: Arc<IdentityMetrics>,
     /// Certify calls being worked on at once, across all connections.
     pub inflight: Arc<Semaphore>,
+    /// Calls in flight and refusal budgets per client IP; a client's permit is taken before
+    /// the global one, so one client cannot hold more than its share of `inflight`.
+    pub clients: Arc<ClientGate>,
+    /// Tokens the validator refused as invalid, by digest.
+    pub refused_tokens: Mutex<NegativeCache>,
 }
 
 impl IdentityService {
-    async fn certify_inner(&self, req: CertifyRequest) -> Result<CertifyResponse, Refusal> {
-        let _permit = self
-            .inflight
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Refusal {
+    fn refused_tokens(&self) -> std::sync::MutexGuard<'_, NegativeCache> {
+        self.refused_tokens
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn certify_inner(
+        &self,
+        peer: IpAddr,
+        req: CertifyRequest,
+    ) -> Result<CertifyResponse, Refused> {
+        let digest = negative_cache::digest(&req.token);
+        let cached = self.refused_tokens().get(&digest, Instant::now());
+        if let Some(refusal) = cached {
+            self.metrics.negative_cache_hits.inc();
+            return Err(routine(refusal));
+        }
+        let _client = self
+            .clients
+            .admit(peer)
+            .map_err(|refused| routine(client_refusal(&refused, peer)))?;
+        let _permit = self.inflight.clone().try_acquire_owned().map_err(|_| {
+            routine(Refusal {
                 code: tonic::Code::ResourceExhausted,
                 reason: "overloaded",
                 message: "too many certificate requests in flight; retry with backoff".into(),
-            })?;
-        if req.csr.len() > crate::csr::MAX_CSR_BYTES {
-            return Err(CsrError::TooLarge(req.csr.len()).into());
+            })
+        })?;
+        if let Err(refusal) = size_checks(&req) {
+            self.clients.charge_refusal(peer);
+            return Err(refusal.into());
         }
-        crate::token::precheck(&req.token)?;
-        let workload = self.validator.validate(&req.token).await?;
+        let workload = match self.validator.validate(&req.token).await {
+            Ok(workload) => workload,
+            Err(e) => {
+                let remember = negative_cache::remembered(&e);
+                let refusal = Refusal::from(e);
+                if remember {
+                    self.refused_tokens()
+                        .insert(digest, refusal.clone(), Instant::now());
+                    self.clients.charge_refusal(peer);
+                }
+                return Err(refusal.into());
+            }
+        };
         let issuer = self.issuer.load();
         let (id, leaf) = certify_for(
             &issuer,
@@ -147,6 +240,22 @@ impl IdentityService {
     }
 }
 
+/// The checks that need no validator: a request failing them is as invalid as a junk token,
+/// and is charged to the client's refusal budget like one.
+fn size_checks(req: &CertifyRequest) -> Result<(), Refusal> {
+    if req.csr.len() > crate::csr::MAX_CSR_BYTES {
+        return Err(CsrError::TooLarge(req.csr.len()).into());
+    }
+    crate::token::precheck(&req.token)?;
+    Ok(())
+}
+
+/// The client a call is counted against. The TLS listener always records the peer address;
+/// a call without one (served through some other transport) shares one unspecified client.
+fn client_ip(peer: Option<std::net::SocketAddr>) -> IpAddr {
+    peer.map_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED), |a| a.ip().to_canonical())
+}
+
 #[tonic::async_trait]
 impl identity_server::Identity for IdentityService {
     async fn certify(
@@ -155,7 +264,9 @@ impl identity_server::Identity for IdentityService {
     ) -> Result<Response<CertifyResponse>, Status> {
         let started = Instant::now();
         let peer = request.remote_addr();
-        let result = self.certify_inner(request.into_inner()).await;
+        let result = self
+            .certify_inner(client_ip(peer), request.into_inner())
+            .await;
         self.metrics
             .latency
             .observe(started.elapsed().as_secs_f64());
@@ -164,9 +275,13 @@ impl identity_server::Identity for IdentityService {
                 self.metrics.issued.inc();
                 Ok(Response::new(resp))
             }
-            Err(refusal) => {
+            Err(Refused { refusal, routine }) => {
                 self.metrics.refused(refusal.reason);
-                tracing::warn!(?peer, reason = refusal.reason, message = %refusal.message, "refused certificate request");
+                if routine {
+                    tracing::debug!(?peer, reason = refusal.reason, message = %refusal.message, "refused certificate request");
+                } else {
+                    tracing::warn!(?peer, reason = refusal.reason, message = %refusal.message, "refused certificate request");
+                }
                 Err(refusal.into_status())
             }
         }

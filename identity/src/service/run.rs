@@ -2,7 +2,9 @@
 //! The `musubi-identity` binary, `musubi up`, tests and benchmarks all start it through here.
 
 use super::admin;
+use super::clients::{ClientGate, ClientLimits, MAX_TRACKED_CLIENTS};
 use super::metrics::IdentityMetrics;
+use super::negative_cache::NegativeCache;
 use super::reload::{IssuerFiles, IssuerReloader};
 use super::server::{self, ServeLimits};
 use super::{IdentityService, IssuerHandle, LocalCaSource};
@@ -17,7 +19,7 @@ use crate::token::TokenValidator;
 use arc_swap::ArcSwap;
 use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, oneshot};
@@ -187,6 +189,15 @@ pub async fn start(cfg: ServiceConfig) -> Result<RunningService, StartError> {
         ttl: cfg.svid_ttl,
         metrics,
         inflight: Arc::new(Semaphore::new(cfg.max_inflight)),
+        clients: ClientGate::new(ClientLimits {
+            per_client: cfg.limits.per_client,
+            refusals_per_minute: cfg.limits.client_refusals_per_minute,
+            max_clients: MAX_TRACKED_CLIENTS,
+        }),
+        refused_tokens: Mutex::new(NegativeCache::new(
+            cfg.limits.negative_cache_ttl,
+            cfg.limits.negative_cache_size,
+        )),
     };
     let grpc_addr = cfg.grpc.local_addr()?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();

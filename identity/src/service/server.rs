@@ -6,27 +6,115 @@ use super::{IdentityService, MAX_REQUEST_BYTES, REFUSAL_HEADER};
 use musubi_proto::identity::v1::identity_server::IdentityServer;
 use rustls::ServerConfig;
 use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::{Connected, TcpConnectInfo};
 
-/// Limits applied per connection and per handshake.
+/// Limits applied per connection, per handshake, and per client.
 #[derive(Debug, Clone)]
 pub struct ServeLimits {
     /// Concurrent Certify calls on one connection (HTTP/2 max concurrent streams).
     pub per_connection: u32,
     pub handshake_timeout: Duration,
+    /// Certify calls one client IP may have in flight at once; more are refused at once
+    /// (`client_limit`). 0 refuses every call.
+    pub per_client: u32,
+    /// Requests of one client IP that may be refused as invalid per minute (and at once)
+    /// before its calls are refused without asking the validator (`client_refusal_rate`);
+    /// 0 turns this off.
+    pub client_refusals_per_minute: u32,
+    /// How long a token the validator refused as invalid is refused without asking it again.
+    pub negative_cache_ttl: Duration,
+    /// Tokens remembered that way, at most; the oldest is forgotten first.
+    pub negative_cache_size: usize,
 }
+
+pub const DEFAULT_PER_CONNECTION: u32 = 32;
+pub const DEFAULT_PER_CLIENT: u32 = 4;
+pub const DEFAULT_CLIENT_REFUSALS_PER_MINUTE: u32 = 60;
+pub const DEFAULT_NEGATIVE_CACHE_TTL: Duration = Duration::from_secs(60);
+pub const DEFAULT_NEGATIVE_CACHE_SIZE: usize = 10_000;
 
 impl Default for ServeLimits {
     fn default() -> Self {
         ServeLimits {
-            per_connection: 32,
+            per_connection: DEFAULT_PER_CONNECTION,
             handshake_timeout: Duration::from_secs(10),
+            per_client: DEFAULT_PER_CLIENT,
+            client_refusals_per_minute: DEFAULT_CLIENT_REFUSALS_PER_MINUTE,
+            negative_cache_ttl: DEFAULT_NEGATIVE_CACHE_TTL,
+            negative_cache_size: DEFAULT_NEGATIVE_CACHE_SIZE,
         }
+    }
+}
+
+/// A TLS connection that tells tonic its peer's address, for the per-client limits.
+///
+/// tonic's own `Connected` for TLS streams stores the address where `Request::remote_addr`
+/// looks only when one of tonic's TLS features is on, which this crate does not use (rustls is
+/// configured here); without this wrapper `remote_addr` is `None` and every client would share
+/// one set of limits.
+pub struct PeerTls {
+    tls: TlsStream<TcpStream>,
+    peer: SocketAddr,
+}
+
+impl Connected for PeerTls {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        TcpConnectInfo {
+            local_addr: self.tls.get_ref().0.local_addr().ok(),
+            remote_addr: Some(self.peer),
+        }
+    }
+}
+
+impl AsyncRead for PeerTls {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().tls).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PeerTls {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tls).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tls).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().tls).poll_shutdown(cx)
     }
 }
 
@@ -36,7 +124,7 @@ fn tls_incoming(
     tls: Arc<ServerConfig>,
     timeout: Duration,
     metrics: Arc<IdentityMetrics>,
-) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+) -> ReceiverStream<Result<PeerTls, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     tokio::spawn(async move {
@@ -57,7 +145,7 @@ fn tls_incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let _ = conn_tx.send(Ok(tls)).await;
+                        let _ = conn_tx.send(Ok(PeerTls { tls, peer })).await;
                     }
                     Ok(Err(e)) => {
                         metrics.refused("tls_handshake_failed");

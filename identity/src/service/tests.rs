@@ -75,3 +75,63 @@ fn refusals_map_to_grpc_codes() {
         "csr_bad_signature"
     );
 }
+
+#[test]
+fn client_refusals_say_what_to_do() {
+    let peer: IpAddr = "10.1.2.3".parse().unwrap();
+    let cases = [
+        (
+            ClientRefusal::Busy { limit: 4 },
+            "client_limit",
+            &["10.1.2.3", "at most 4", "wait for the earlier ones"][..],
+        ),
+        (
+            ClientRefusal::Throttled {
+                retry_after: Duration::from_millis(2500),
+            },
+            "client_refusal_rate",
+            &["10.1.2.3", "invalid tokens", "retry in 2 s"][..],
+        ),
+        (
+            ClientRefusal::Throttled {
+                retry_after: Duration::from_millis(10),
+            },
+            "client_refusal_rate",
+            &["retry in 1 s"][..],
+        ),
+        (
+            ClientRefusal::Full,
+            "overloaded",
+            &["retry with backoff"][..],
+        ),
+    ];
+    for (refused, reason, words) in cases {
+        let r = client_refusal(&refused, peer);
+        assert_eq!(
+            (r.code, r.reason),
+            (tonic::Code::ResourceExhausted, reason),
+            "{refused:?}"
+        );
+        for w in words {
+            assert!(
+                r.message.contains(w),
+                "{refused:?}: {:?} lacks {w:?}",
+                r.message
+            );
+        }
+    }
+}
+
+#[test]
+fn clients_are_keyed_by_canonical_ip() {
+    let cases = [
+        (Some("10.0.0.1:443"), "10.0.0.1"),
+        (Some("[::ffff:10.0.0.1]:443"), "10.0.0.1"),
+        (Some("[2001:db8::1]:443"), "2001:db8::1"),
+        (None, "::"),
+    ];
+    for (peer, want) in cases {
+        let peer = peer.map(|p| p.parse().unwrap());
+        assert_eq!(client_ip(peer).to_string(), want, "{peer:?}");
+    }
+}
