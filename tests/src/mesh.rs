@@ -206,6 +206,7 @@ impl Controller {
             bundle: identity.ca.bundle.clone(),
             store,
             listener,
+            streams: Default::default(),
         })
         .expect("controller starts");
         self.running = Some(running);
