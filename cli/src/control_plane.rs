@@ -131,6 +131,7 @@ pub async fn start(
         bundle: bundle.clone(),
         store,
         listener,
+        streams: Default::default(),
     })
     .map_err(anyhow::Error::msg)?;
     Ok(Controller {
@@ -181,5 +182,22 @@ mod tests {
             policy.ports[0].authorization.as_ref().unwrap().rules.len(),
             1
         );
+        // Every app port is a declared port of its workload, with its service's protocol (the
+        // file names it once, for the service; the controller declares it for the workload).
+        const HTTP1: i32 = 1; // musubi.policy.v1.PortProtocol
+        const HTTP2: i32 = 2;
+        for (sa, port, protocol) in [
+            ("web", 20000, HTTP1),
+            ("api", 20010, HTTP1),
+            ("store", 20020, HTTP2),
+        ] {
+            let id = SpiffeId::parse(&format!("spiffe://cluster.local/ns/demo/sa/{sa}")).unwrap();
+            let ports: Vec<(u32, i32)> = musubi_controller::model::policy_for(&state, &id)
+                .ports
+                .iter()
+                .map(|p| (p.port, p.protocol))
+                .collect();
+            assert_eq!(ports, [(port, protocol)], "{sa}");
+        }
     }
 }

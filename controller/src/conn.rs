@@ -9,18 +9,23 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
-/// The peer's verified SPIFFE ID, available to handlers as a request extension.
+/// The peer's verified SPIFFE ID and address, available to handlers as a request extension.
 #[derive(Clone, Debug)]
-pub struct PeerId(pub Option<SpiffeId>);
+pub struct PeerId {
+    pub id: Option<SpiffeId>,
+    pub addr: Option<std::net::SocketAddr>,
+}
 
 pub struct MeshConn(pub TlsStream<TcpStream>);
 
 impl Connected for MeshConn {
     type ConnectInfo = PeerId;
     fn connect_info(&self) -> PeerId {
-        PeerId(musubi_identity::tls::peer_identity(
-            self.0.get_ref().1.peer_certificates(),
-        ))
+        let (tcp, tls) = self.0.get_ref();
+        PeerId {
+            id: musubi_identity::tls::peer_identity(tls.peer_certificates()),
+            addr: tcp.peer_addr().ok(),
+        }
     }
 }
 

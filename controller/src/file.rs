@@ -28,6 +28,11 @@ fn line_of(text: &str, needle: &str) -> Option<usize> {
 
 /// Parses and validates a mesh file's text.
 pub fn parse(file: &str, text: &str) -> Result<MeshState, ConfigError> {
+    parse_checked(file, text).map(|(state, _)| state)
+}
+
+/// Like [`parse`], with the problems that do not refuse the file (for the log).
+pub fn parse_checked(file: &str, text: &str) -> Result<(MeshState, Vec<String>), ConfigError> {
     let err = |detail: String| ConfigError {
         file: file.to_string(),
         detail,
@@ -40,12 +45,23 @@ pub fn parse(file: &str, text: &str) -> Result<MeshState, ConfigError> {
             None => err(e.to_string()),
         })?
     };
-    parsed
-        .validate()
+    let (state, warnings) = parsed
+        .check()
         .map_err(|inv| match line_of(text, &inv.needle) {
             Some(line) => err(format!("line {line}: {inv}")),
             None => err(inv.to_string()),
-        })
+        })?;
+    let warnings = warnings
+        .into_iter()
+        .map(|w| format!("{file}: {w}"))
+        .collect();
+    Ok((state, warnings))
+}
+
+fn log_warnings(warnings: &[String]) {
+    for w in warnings {
+        tracing::warn!(problem = %w, "mesh file: decided the safe way");
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -67,7 +83,8 @@ impl FileSource {
             file: path.display().to_string(),
             detail: e.to_string(),
         })?;
-        let state = parse(&path.display().to_string(), &text)?;
+        let (state, warnings) = parse_checked(&path.display().to_string(), &text)?;
+        log_warnings(&warnings);
         Ok(Arc::new(FileSource {
             path: path.to_path_buf(),
             tx: watch::channel(Arc::new(state)).0,
@@ -90,8 +107,9 @@ impl FileSource {
             return Ok(false);
         }
         *last = text.clone();
-        match parse(&file, &text) {
-            Ok(state) => {
+        match parse_checked(&file, &text) {
+            Ok((state, warnings)) => {
+                log_warnings(&warnings);
                 self.reloads
                     .get_or_create(&ResultLabel { result: "ok" })
                     .inc();

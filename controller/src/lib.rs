@@ -5,8 +5,11 @@
 mod conn;
 pub mod file;
 pub mod kubernetes;
+pub mod limits;
 pub mod model;
 pub mod server;
+
+pub use limits::{StreamLimits, StreamMetrics};
 
 use model::MeshState;
 use musubi_identity::tls::{self, ClientAuth};
@@ -32,6 +35,16 @@ pub struct ControllerConfig {
     /// The controller's own SVID (kept fresh by the caller).
     pub store: Arc<CredentialStore>,
     pub listener: TcpListener,
+    /// Caps per client, and the streams' metrics (register them with
+    /// [`StreamMetrics::register`]).
+    pub streams: StreamOptions,
+}
+
+/// What bounds the streams, and where they are counted.
+#[derive(Clone, Default)]
+pub struct StreamOptions {
+    pub limits: StreamLimits,
+    pub metrics: StreamMetrics,
 }
 
 pub struct RunningController {
@@ -64,18 +77,35 @@ pub fn start(cfg: ControllerConfig) -> Result<RunningController, String> {
     let tls = tls::server_config(cfg.store, &cfg.bundle, ClientAuth::Required, &[b"h2"])
         .map_err(|e| e.to_string())?;
     let (stopping_tx, stopping) = watch::channel(false);
+    let per_connection = cfg.streams.limits.per_connection();
     let streams = server::Streams {
         state: cfg.source.state(),
         version: Arc::new(AtomicU64::new(0)),
         stopping,
+        slots: limits::Slots::new(cfg.streams.limits, cfg.streams.metrics),
     };
     let (incoming_tx, incoming_rx) = mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let listener = cfg.listener;
     let accept_loop = tokio::spawn(async move {
+        let mut failures = 0u32;
         loop {
-            let Ok((tcp, peer)) = listener.accept().await else {
-                continue;
+            let (tcp, peer) = match listener.accept().await {
+                Ok(a) => {
+                    failures = 0;
+                    a
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: pause (5 ms doubling to 1 s)
+                    // while connections close, instead of spinning on the error.
+                    let pause = Duration::from_millis(5)
+                        .saturating_mul(1 << failures.min(8))
+                        .min(Duration::from_secs(1));
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(error = %e, ?pause, "controller accept failed");
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
@@ -99,6 +129,7 @@ pub fn start(cfg: ControllerConfig) -> Result<RunningController, String> {
         let _source = source;
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .max_concurrent_streams(per_connection)
             .add_service(DiscoveryServer::new(streams.clone()))
             .add_service(PolicyServer::new(streams))
             .serve_with_incoming_shutdown(

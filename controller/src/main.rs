@@ -5,8 +5,15 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use musubi_controller::file::FileSource;
 use musubi_controller::kubernetes::{KubeSource, KubeSourceConfig};
+use musubi_controller::limits::{
+    DEFAULT_DISCOVERY_STREAMS_PER_CLIENT, DEFAULT_MAX_TARGET_BYTES,
+    DEFAULT_POLICY_STREAMS_PER_CLIENT,
+};
 use musubi_controller::model::Mtls;
-use musubi_controller::{ControllerConfig, DiscoverySource, identity, register_metrics, start};
+use musubi_controller::{
+    ControllerConfig, DiscoverySource, StreamLimits, StreamMetrics, StreamOptions, identity,
+    register_metrics, start,
+};
 use musubi_identity::client::{self, RemoteCertSource, TokenSource};
 use musubi_identity::renew::{RenewPolicy, Renewal};
 use musubi_identity::{CredentialStore, SpiffeId, TrustBundle, TrustDomain};
@@ -68,6 +75,28 @@ struct Args {
     /// The controller's own service account.
     #[arg(long, default_value = "musubi-controller")]
     service_account: String,
+    /// Concurrent discovery streams one client (a workload identity from one address) may
+    /// hold; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MUSUBI_CONTROLLER_DISCOVERY_STREAMS_PER_CLIENT", default_value_t = DEFAULT_DISCOVERY_STREAMS_PER_CLIENT, value_parser = parse_positive)]
+    discovery_streams_per_client: usize,
+    /// Concurrent policy streams one client may hold; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MUSUBI_CONTROLLER_POLICY_STREAMS_PER_CLIENT", default_value_t = DEFAULT_POLICY_STREAMS_PER_CLIENT, value_parser = parse_positive)]
+    policy_streams_per_client: usize,
+    /// Longest discovery target (host:port) accepted, in bytes; longer is INVALID_ARGUMENT.
+    #[arg(long, env = "MUSUBI_CONTROLLER_MAX_TARGET_BYTES", default_value_t = DEFAULT_MAX_TARGET_BYTES, value_parser = parse_positive)]
+    max_target_bytes: usize,
+    /// (Kubernetes) Longest wait for the first lists of namespaces, services, endpoint slices
+    /// and pods before serving discovery anyway. Policy is never served before the MeshTLS and
+    /// AuthorizationPolicy lists are in.
+    #[arg(long, env = "MUSUBI_CONTROLLER_INITIAL_SYNC_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    initial_sync_timeout: Duration,
+}
+
+fn parse_positive(v: &str) -> Result<usize, String> {
+    v.parse::<usize>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{v:?} is not a positive whole number"))
 }
 
 fn parse_mode(v: &str) -> Result<Mtls, String> {
@@ -129,11 +158,13 @@ async fn run(a: Args) -> Result<()> {
                 trust_domain: a.trust_domain.clone(),
                 cluster_domain: a.cluster_domain.clone(),
                 mtls: a.mtls_mode,
-                initial_sync_timeout: Duration::from_secs(30),
+                initial_sync_timeout: a.initial_sync_timeout,
             })
             .await
         }
     };
+    let stream_metrics = StreamMetrics::default();
+    stream_metrics.register(&mut registry);
     musubi_identity::metrics::register_svid_expiry(
         &mut registry,
         "musubi_controller_certificate_expiry_seconds",
@@ -159,6 +190,14 @@ async fn run(a: Args) -> Result<()> {
         bundle,
         store,
         listener,
+        streams: StreamOptions {
+            limits: StreamLimits {
+                discovery_per_client: a.discovery_streams_per_client,
+                policy_per_client: a.policy_streams_per_client,
+                max_target_bytes: a.max_target_bytes,
+            },
+            metrics: stream_metrics,
+        },
     })
     .map_err(anyhow::Error::msg)?;
     println!("LISTENING grpc={}", running.addr);

@@ -2,6 +2,8 @@
 //! decisions the streams serve from it (`resolve`, `policy_for`). Documented in
 //! `docs/mesh-file.md`.
 
+pub mod ports;
+
 use musubi_identity::{SpiffeId, TrustDomain};
 use musubi_proto::discovery::v1 as dpb;
 use musubi_proto::policy::v1 as ppb;
@@ -108,6 +110,9 @@ pub struct PortFile {
     pub port: u16,
     pub mtls: Option<Mtls>,
     pub allow: Option<Vec<AllowFile>>,
+    /// What the application speaks here; absent: what the services targeting the port say.
+    #[serde(default)]
+    pub protocol: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -132,6 +137,10 @@ pub struct MeshState {
     /// A workload's mode for ports without a policy of their own (Kubernetes `MeshTLS` for a
     /// service account); keyed by (namespace, service account).
     pub workload_mtls: BTreeMap<(String, String), Mtls>,
+    /// Whether everything policy is made of is known (Kubernetes: the `MeshTLS` and
+    /// `AuthorizationPolicy` watches have listed; always for a mesh file). Until then policy
+    /// streams answer nothing: a policy built without them could be wider than they say.
+    pub policy_ready: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -161,7 +170,7 @@ fn invalid(path: String, problem: impl Into<String>, needle: impl Into<String>) 
     }
 }
 
-fn protocol(p: Option<&str>, path: &str) -> Result<dpb::Protocol, Invalid> {
+fn parse_protocol(p: Option<&str>, path: &str) -> Result<dpb::Protocol, Invalid> {
     Ok(match p.unwrap_or("detect") {
         "detect" => dpb::Protocol::Detect,
         "http" | "http1" => dpb::Protocol::Http1,
@@ -208,8 +217,19 @@ pub(crate) fn mtls_pb(m: Mtls) -> i32 {
     }
 }
 
+/// The mode of a namespace: its own, else the mesh's.
+fn namespace_mode(state_ns: &BTreeMap<String, Mtls>, mesh: Mtls, ns: &str) -> Mtls {
+    state_ns.get(ns).copied().unwrap_or(mesh)
+}
+
 impl MeshFile {
     pub fn validate(&self) -> Result<MeshState, Invalid> {
+        self.check().map(|(state, _)| state)
+    }
+
+    /// Like [`MeshFile::validate`], with the problems that do not refuse the file (protocol
+    /// conflicts between services, decided the safe way), each naming where it is.
+    pub fn check(&self) -> Result<(MeshState, Vec<String>), Invalid> {
         let td = TrustDomain::new(&self.trust_domain).map_err(|e| {
             invalid(
                 "trustDomain".into(),
@@ -217,7 +237,15 @@ impl MeshFile {
                 self.trust_domain.clone(),
             )
         })?;
+        let namespace_mtls: BTreeMap<String, Mtls> = self
+            .namespaces
+            .iter()
+            .filter_map(|(k, v)| v.mtls.map(|m| (k.clone(), m)))
+            .collect();
         let mut services: Vec<Service> = Vec::new();
+        // Ports services target on each workload, with what each service says they speak.
+        let mut declared: BTreeMap<(String, String), BTreeMap<u16, ports::Claims>> =
+            BTreeMap::new();
         for (i, s) in self.services.iter().enumerate() {
             let path = format!("services[{i}]");
             SpiffeId::workload(&td, &s.namespace, &s.name)
@@ -239,7 +267,7 @@ impl MeshFile {
                     s.name.clone(),
                 ));
             }
-            let proto = protocol(s.protocol.as_deref(), &path)?;
+            let proto = parse_protocol(s.protocol.as_deref(), &path)?;
             let mut addresses = Vec::new();
             for (j, a) in s.addresses.iter().enumerate() {
                 addresses.push(a.parse::<IpAddr>().map_err(|_| {
@@ -268,17 +296,30 @@ impl MeshFile {
                     ));
                 }
                 let identity = match &e.service_account {
-                    Some(sa) => SpiffeId::workload(&td, &s.namespace, sa)
-                        .map_err(|err| {
+                    Some(sa) => {
+                        let id = SpiffeId::workload(&td, &s.namespace, sa).map_err(|err| {
                             invalid(
                                 format!("{ep_path}.serviceAccount"),
                                 err.to_string(),
                                 sa.clone(),
                             )
-                        })?
-                        .to_string(),
+                        })?;
+                        declared
+                            .entry((s.namespace.clone(), sa.clone()))
+                            .or_default()
+                            .entry(e.port)
+                            .or_default()
+                            .add(
+                                ports::port_protocol(proto),
+                                format!("{path} ({}.{})", s.name, s.namespace),
+                            );
+                        id.to_string()
+                    }
                     None => String::new(),
                 };
+                // Unmeshed: reached in plaintext only where its namespace says so.
+                let plaintext_allowed = identity.is_empty()
+                    && namespace_mode(&namespace_mtls, self.mtls, &s.namespace) == Mtls::Permissive;
                 let transport = match e.transport.as_deref() {
                     None | Some("musubi") => dpb::Transport::Musubi,
                     Some("h2-mtls") => dpb::Transport::H2Mtls,
@@ -299,7 +340,7 @@ impl MeshFile {
                     proxy_port: u32::from(e.proxy_port),
                     labels: Default::default(),
                     transport: transport as i32,
-                    plaintext_allowed: false,
+                    plaintext_allowed,
                 });
             }
             services.push(Service {
@@ -322,6 +363,7 @@ impl MeshFile {
                 },
             });
         }
+        let mut warnings = Vec::new();
         let mut workloads = BTreeMap::new();
         for (i, w) in self.workloads.iter().enumerate() {
             let path = format!("workloads[{i}]");
@@ -332,12 +374,31 @@ impl MeshFile {
                     w.service_account.clone(),
                 )
             })?;
-            let mut ports = Vec::new();
+            let mut ports: Vec<ppb::PortPolicy> = Vec::new();
+            let key = (w.namespace.clone(), w.service_account.clone());
+            let targeted = declared.remove(&key).unwrap_or_default();
             for (j, p) in w.ports.iter().enumerate() {
                 let pp = format!("{path}.ports[{j}]");
                 if p.port == 0 {
                     return Err(invalid(format!("{pp}.port"), "must be 1-65535", "port: 0"));
                 }
+                if ports.iter().any(|o| o.port == u32::from(p.port)) {
+                    return Err(invalid(
+                        format!("{pp}.port"),
+                        format!("port {} is listed twice", p.port),
+                        format!("port: {}", p.port),
+                    ));
+                }
+                let protocol = match &p.protocol {
+                    Some(explicit) => ports::port_protocol(parse_protocol(Some(explicit), &pp)?),
+                    None => decide(
+                        &targeted,
+                        p.port,
+                        &w.namespace,
+                        &w.service_account,
+                        &mut warnings,
+                    ),
+                };
                 let authorization = match &p.allow {
                     None => None,
                     Some(rules) => Some(ppb::Authorization {
@@ -356,14 +417,27 @@ impl MeshFile {
                     port: u32::from(p.port),
                     mtls: mtls_pb(mode),
                     authorization,
-                    protocol: 0,
+                    protocol: protocol as i32,
                     authorities: vec![],
                 });
             }
-            if workloads
-                .insert((w.namespace.clone(), w.service_account.clone()), ports)
-                .is_some()
-            {
+            // Ports services target but the workload does not list: declared, with the
+            // namespace's mode and no authorization of their own.
+            let mode = namespace_mode(&namespace_mtls, self.mtls, &w.namespace);
+            for port in targeted.keys() {
+                if !ports.iter().any(|o| o.port == u32::from(*port)) {
+                    let protocol = decide(
+                        &targeted,
+                        *port,
+                        &w.namespace,
+                        &w.service_account,
+                        &mut warnings,
+                    );
+                    ports.push(declared_port(*port, mode, protocol));
+                }
+            }
+            ports.sort_by_key(|p| p.port);
+            if workloads.insert(key, ports).is_some() {
                 return Err(invalid(
                     path,
                     "duplicate workload (same namespace and service account)",
@@ -371,19 +445,60 @@ impl MeshFile {
                 ));
             }
         }
-        Ok(MeshState {
+        // Workloads the file lists no ports for: every port a service targets on them.
+        for ((ns, sa), targeted) in declared {
+            let mode = namespace_mode(&namespace_mtls, self.mtls, &ns);
+            let ports = targeted
+                .keys()
+                .map(|port| {
+                    let protocol = decide(&targeted, *port, &ns, &sa, &mut warnings);
+                    declared_port(*port, mode, protocol)
+                })
+                .collect();
+            workloads.insert((ns, sa), ports);
+        }
+        let state = MeshState {
             trust_domain: td.to_string(),
             cluster_domain: self.cluster_domain.clone(),
             mtls: self.mtls,
-            namespace_mtls: self
-                .namespaces
-                .iter()
-                .filter_map(|(k, v)| v.mtls.map(|m| (k.clone(), m)))
-                .collect(),
+            namespace_mtls,
             services,
             workloads,
             workload_mtls: BTreeMap::new(),
-        })
+            policy_ready: true,
+        };
+        Ok((state, warnings))
+    }
+}
+
+/// The protocol services give `port` of workload `ns/sa`; a disagreement goes to `warnings`.
+fn decide(
+    targeted: &BTreeMap<u16, ports::Claims>,
+    port: u16,
+    ns: &str,
+    sa: &str,
+    warnings: &mut Vec<String>,
+) -> ppb::PortProtocol {
+    let Some(claims) = targeted.get(&port) else {
+        return ppb::PortProtocol::Detect;
+    };
+    let d = claims.decide();
+    if let Some(c) = d.conflict {
+        warnings.push(format!(
+            "port {port} of workload {ns}/{sa}: {c}; set workloads[].ports[].protocol to decide"
+        ));
+    }
+    d.protocol
+}
+
+/// A declared port without a policy entry of its own.
+pub(crate) fn declared_port(port: u16, mode: Mtls, protocol: ppb::PortProtocol) -> ppb::PortPolicy {
+    ppb::PortPolicy {
+        port: u32::from(port),
+        mtls: mtls_pb(mode),
+        authorization: None,
+        protocol: protocol as i32,
+        authorities: vec![],
     }
 }
 
@@ -435,6 +550,25 @@ pub fn split_target(target: &str) -> Option<(&str, u16)> {
     Some((host, port))
 }
 
+/// The canonical authorities of the services with an endpoint of workload `id` on `port`: the
+/// names the workload's proxy labels inbound metrics by (never a name a client chose).
+fn services_targeting(state: &MeshState, id: &str, port: u32) -> Vec<String> {
+    let mut out: Vec<String> = state
+        .services
+        .iter()
+        .filter(|s| {
+            s.proto
+                .endpoints
+                .iter()
+                .any(|e| e.port == port && e.identity == id)
+        })
+        .map(|s| s.proto.authority.clone())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// The inbound policy of the workload `id` runs as.
 pub fn policy_for(state: &MeshState, id: &SpiffeId) -> ppb::InboundPolicy {
     let names = id.workload_names();
@@ -452,7 +586,7 @@ pub fn policy_for(state: &MeshState, id: &SpiffeId) -> ppb::InboundPolicy {
         })
         .copied()
         .unwrap_or(namespace_mode);
-    let ports = names
+    let mut ports = names
         .and_then(|w| {
             state
                 .workloads
@@ -460,6 +594,9 @@ pub fn policy_for(state: &MeshState, id: &SpiffeId) -> ppb::InboundPolicy {
                 .cloned()
         })
         .unwrap_or_default();
+    for p in &mut ports {
+        p.authorities = services_targeting(state, id.as_str(), p.port);
+    }
     ppb::InboundPolicy {
         version: 0,
         default_policy: Some(ppb::PortPolicy {

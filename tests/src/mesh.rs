@@ -214,6 +214,7 @@ impl Controller {
             bundle: identity.ca.bundle.clone(),
             store,
             listener,
+            streams: Default::default(),
         })
         .expect("controller starts");
         self.running = Some(running);

@@ -1,5 +1,6 @@
 //! The controller end to end: real streams over real mTLS, file edits reaching proxies, bad
-//! edits refused, and traffic that survives a controller restart.
+//! edits refused, traffic that survives a controller restart, and the caps on what one client
+//! may hold.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: fail loudly
 
@@ -7,7 +8,10 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use musubi_proto::discovery::v1::{WatchRequest, discovery_client::DiscoveryClient};
+use musubi_controller::limits::{RefusedLabels, StreamLabel};
+use musubi_controller::{StreamLimits, StreamMetrics, StreamOptions};
+use musubi_proto::discovery::v1::{ServiceUpdate, WatchRequest, discovery_client::DiscoveryClient};
+use musubi_proto::policy::v1::{PolicyRequest, policy_client::PolicyClient};
 use musubi_tests::mesh::{Controller, Proxy, Setup, proxy};
 use musubi_tests::{Identity, apps, eventually};
 use std::net::SocketAddr;
@@ -226,4 +230,207 @@ async fn proxies_follow_the_controller_and_survive_its_restart() {
         },
     )
     .await;
+}
+
+/// A controller serving `yaml` with these caps; its metrics.
+async fn capped_controller(
+    identity: &Identity,
+    yaml: &str,
+    limits: StreamLimits,
+) -> (
+    musubi_controller::RunningController,
+    StreamMetrics,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mesh.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let metrics = StreamMetrics::default();
+    let running = musubi_controller::start(musubi_controller::ControllerConfig {
+        source: musubi_controller::file::FileSource::load(&path).unwrap(),
+        bundle: identity.ca.bundle.clone(),
+        store: identity.svid("musubi", "musubi-controller").await,
+        listener: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        streams: StreamOptions {
+            limits,
+            metrics: metrics.clone(),
+        },
+    })
+    .unwrap();
+    (running, metrics, dir)
+}
+
+/// Forwards TCP to `to` until the returned task is aborted (which drops both sockets, as a
+/// client that goes away without a word would).
+async fn forwarder(to: SocketAddr) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let Ok((mut inbound, _)) = listener.accept().await else {
+                return;
+            };
+            conns.spawn(async move {
+                let mut outbound = TcpStream::connect(to).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+fn open(m: &StreamMetrics, stream: &'static str) -> i64 {
+    m.open.get_or_create(&StreamLabel { stream }).get()
+}
+
+fn refused(m: &StreamMetrics, stream: &'static str, reason: &'static str) -> u64 {
+    m.refused
+        .get_or_create(&RefusedLabels { stream, reason })
+        .get()
+}
+
+async fn watch(
+    client: &mut DiscoveryClient<tonic::transport::Channel>,
+    target: String,
+) -> Result<tonic::Streaming<ServiceUpdate>, tonic::Status> {
+    client
+        .watch(WatchRequest {
+            target,
+            context_namespace: String::new(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_per_client_are_capped_and_released_when_the_client_goes() {
+    // The defaults, all on one connection (the controller allows more streams per connection
+    // than one client may hold, so the cap per client is what a scan meets).
+    const CAP: usize = musubi_controller::limits::DEFAULT_DISCOVERY_STREAMS_PER_CLIENT;
+    const POLICY_CAP: usize = musubi_controller::limits::DEFAULT_POLICY_STREAMS_PER_CLIENT;
+    let identity = Identity::start().await;
+    let limits = StreamLimits::default();
+    let (controller, metrics, _dir) = capped_controller(&identity, "{}", limits).await;
+    let controller_id = identity.id("musubi", "musubi-controller");
+    // The scanning pod reaches the controller through a connection we can cut.
+    let (via, cut) = forwarder(controller.addr).await;
+    let web = identity.svid("shop", "web").await;
+    let channel = |addr: SocketAddr, store| {
+        musubi_proxy::control::channel(
+            &addr.to_string(),
+            &identity.ca.bundle,
+            store,
+            controller_id.clone(),
+        )
+        .unwrap()
+    };
+    let mut scanner = DiscoveryClient::new(channel(via, web.clone()));
+
+    // A port scan: one distinct target per port. The first CAP streams are answered...
+    let mut held = Vec::new();
+    for port in 1..=CAP {
+        let mut s = watch(&mut scanner, format!("10.0.0.1:{port}"))
+            .await
+            .unwrap();
+        assert!(s.message().await.unwrap().unwrap().unknown);
+        held.push(s);
+    }
+    assert_eq!(open(&metrics, "discovery"), CAP as i64);
+    // ... the next ones are refused, saying what the limit is.
+    for port in CAP + 1..CAP + 4 {
+        let status = watch(&mut scanner, format!("10.0.0.1:{port}"))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status
+                .message()
+                .contains(&format!("{CAP} discovery streams"))
+                && status
+                    .message()
+                    .contains("spiffe://cluster.local/ns/shop/sa/web"),
+            "{}",
+            status.message()
+        );
+    }
+    assert_eq!(refused(&metrics, "discovery", "per_client_limit"), 3);
+    assert_eq!(open(&metrics, "discovery"), CAP as i64);
+
+    // Another workload is not affected.
+    let mut api =
+        DiscoveryClient::new(channel(controller.addr, identity.svid("shop", "api").await));
+    let mut other = watch(&mut api, "10.0.0.2:80".into()).await.unwrap();
+    assert!(other.message().await.unwrap().unwrap().unknown);
+
+    // A stream the scanner closes gives its slot back.
+    drop(held.pop());
+    eventually(
+        "the closed stream's slot back",
+        Duration::from_secs(5),
+        || {
+            let m = metrics.clone();
+            async move { (open(&m, "discovery") == CAP as i64).then_some(()) }
+        },
+    )
+    .await;
+    let mut again = watch(&mut scanner, "10.0.0.1:9999".into()).await.unwrap();
+    assert!(again.message().await.unwrap().unwrap().unknown);
+    held.push(again);
+
+    // An overlong target is refused before it costs a slot.
+    let status = watch(&mut scanner, format!("{}:80", "a".repeat(600)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("the limit is 512"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(refused(&metrics, "discovery", "target_too_long"), 1);
+
+    // Policy streams have a small cap of their own.
+    let mut policy = PolicyClient::new(channel(via, web.clone()));
+    let mut policies = Vec::new();
+    for _ in 0..POLICY_CAP {
+        let mut p = policy
+            .watch(PolicyRequest { ports: vec![] })
+            .await
+            .unwrap()
+            .into_inner();
+        p.message().await.unwrap().unwrap();
+        policies.push(p);
+    }
+    let status = policy
+        .watch(PolicyRequest { ports: vec![] })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        status
+            .message()
+            .contains(&format!("{POLICY_CAP} policy streams")),
+        "{}",
+        status.message()
+    );
+    assert_eq!(refused(&metrics, "policy", "per_client_limit"), 1);
+
+    // The scanner's connection goes away without closing its streams: every slot comes back.
+    cut.abort();
+    eventually(
+        "the cut connection's slots back",
+        Duration::from_secs(10),
+        || {
+            let m = metrics.clone();
+            async move { (open(&m, "discovery") == 1 && open(&m, "policy") == 0).then_some(()) }
+        },
+    )
+    .await;
+    // The workload can watch again (over a new connection).
+    let mut back = DiscoveryClient::new(channel(controller.addr, web));
+    let mut s = watch(&mut back, "10.0.0.1:1".into()).await.unwrap();
+    assert!(s.message().await.unwrap().unwrap().unknown);
+    drop((held, policies));
+    controller.shutdown().await;
 }

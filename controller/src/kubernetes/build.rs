@@ -1,14 +1,19 @@
 //! From Kubernetes objects to the mesh state the streams serve: a pure function over a
-//! snapshot of the watched objects. Objects that make no sense (a bad SPIFFE ID in a policy,
-//! an unknown mode annotation) are skipped and reported, never fatal.
+//! snapshot of the watched objects. What makes no sense (a bad SPIFFE ID in a rule, an unknown
+//! mode annotation) is reported and used the narrow way or skipped, never fatal; what the build
+//! made of each policy object comes out as a [`Verdict`] for its status.
 
-use super::crd::{AuthorizationPolicySpec, MeshTlsSpec, Named};
-use crate::model::{self, MeshState, Mtls, Service};
+mod policy;
+
+use super::crd::{Object, Verdict};
+use crate::model::ports::{self, Claims};
+use crate::model::{MeshState, Mtls, Service};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service as KService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use musubi_identity::{SpiffeId, TrustDomain};
 use musubi_proto::discovery::v1 as dpb;
 use musubi_proto::policy::v1 as ppb;
+use policy::{Modes, PortKey};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -31,54 +36,162 @@ pub struct Snapshot {
     pub services: Vec<Arc<KService>>,
     pub slices: Vec<Arc<EndpointSlice>>,
     pub pods: Vec<Arc<Pod>>,
-    pub mesh_tls: Vec<Named<MeshTlsSpec>>,
-    pub authorization: Vec<Named<AuthorizationPolicySpec>>,
+    /// `None` until the watch has listed (the CRD may not be installed, or not readable).
+    pub mesh_tls: Option<Vec<Object>>,
+    pub authorization: Option<Vec<Object>>,
 }
 
-/// The state, and a line for each object that was skipped.
-pub fn build(s: &Snapshot) -> (MeshState, Vec<String>) {
+/// What a snapshot makes: the state, a line for each problem (for the log), and a verdict for
+/// each policy object (for its status).
+#[derive(Debug, Default)]
+pub struct Built {
+    pub state: MeshState,
+    pub problems: Vec<String>,
+    pub verdicts: Vec<Verdict>,
+}
+
+pub fn build(s: &Snapshot) -> Built {
     let mut problems = Vec::new();
+    let mut verdicts = Vec::new();
     let td = match TrustDomain::new(&s.trust_domain) {
         Ok(td) => td,
         Err(e) => {
             problems.push(format!("trust domain {:?}: {e}", s.trust_domain));
-            return (MeshState::default(), problems);
+            return Built {
+                problems,
+                ..Built::default()
+            };
         }
     };
-    let namespace_mtls = namespace_modes(s, &mut problems);
-    let pods: HashMap<(&str, &str), &Pod> = s
+    let modes = policy::modes(
+        s.mtls,
+        namespace_annotations(s, &mut problems),
+        s.mesh_tls.as_deref(),
+        &mut problems,
+        &mut verdicts,
+    );
+    let infos: Vec<PodInfo<'_>> = s
         .pods
         .iter()
-        .filter_map(|p| {
-            Some((
-                (
-                    p.metadata.namespace.as_deref()?,
-                    p.metadata.name.as_deref()?,
-                ),
-                p.as_ref(),
-            ))
-        })
+        .filter_map(|p| PodInfo::new(p, &mut problems))
         .collect();
+    let pods: HashMap<(&str, &str), &PodInfo<'_>> =
+        infos.iter().map(|p| ((p.namespace, p.name), p)).collect();
     let mut services = Vec::new();
+    let mut targeted = BTreeMap::new();
+    let mut ctx = Ctx {
+        td: &td,
+        modes: &modes,
+        pods: &pods,
+        targeted: &mut targeted,
+    };
     for svc in &s.services {
-        services.extend(service(s, &td, svc, &pods));
+        services.extend(service(s, &mut ctx, svc));
     }
     services.sort_by(|a, b| (&a.namespace, &a.name, a.port).cmp(&(&b.namespace, &b.name, b.port)));
-    let (workloads, workload_mtls) = workload_policies(s, &namespace_mtls, &mut problems);
+    let rules = policy::rules(
+        s.authorization.as_deref().unwrap_or_default(),
+        &mut problems,
+        &mut verdicts,
+    );
+    let workloads = policy::workloads(
+        &modes,
+        &rules,
+        &targeted,
+        |ns, sa, port| pod_claims(&infos, ns, sa, port),
+        &mut problems,
+    );
     let state = MeshState {
         trust_domain: td.to_string(),
         cluster_domain: s.cluster_domain.clone(),
         mtls: s.mtls,
-        namespace_mtls,
+        namespace_mtls: modes.namespace.clone(),
         services,
         workloads,
-        workload_mtls,
+        workload_mtls: modes.workload.clone(),
+        policy_ready: s.mesh_tls.is_some() && s.authorization.is_some(),
     };
-    (state, problems)
+    Built {
+        state,
+        problems,
+        verdicts,
+    }
 }
 
-/// Namespace modes: the annotation, overridden by a namespace-wide `MeshTLS`.
-fn namespace_modes(s: &Snapshot, problems: &mut Vec<String>) -> BTreeMap<String, Mtls> {
+/// What the service loop needs besides the snapshot, and what it adds to.
+struct Ctx<'a> {
+    td: &'a TrustDomain,
+    modes: &'a Modes,
+    pods: &'a HashMap<(&'a str, &'a str), &'a PodInfo<'a>>,
+    /// Ports Services target on each workload, with what each source says they speak.
+    targeted: &'a mut BTreeMap<PortKey, Claims>,
+}
+
+/// What the build needs of a pod.
+struct PodInfo<'a> {
+    namespace: &'a str,
+    name: &'a str,
+    service_account: &'a str,
+    meshed: bool,
+    /// Its `musubi.io/opaque-ports` annotation.
+    opaque: Vec<(u16, u16)>,
+}
+
+impl<'a> PodInfo<'a> {
+    fn new(pod: &'a Pod, problems: &mut Vec<String>) -> Option<PodInfo<'a>> {
+        let namespace = pod.metadata.namespace.as_deref()?;
+        let name = pod.metadata.name.as_deref()?;
+        let opaque = match pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ports::OPAQUE_PORTS_ANNOTATION))
+        {
+            None => vec![],
+            // The narrow reading of a bad value: no port of it is opaque.
+            Some(v) => ports::opaque_ports(v).unwrap_or_else(|e| {
+                problems.push(format!(
+                    "pod {namespace}/{name}: {}={v:?}: {e}; no port of it is opaque",
+                    ports::OPAQUE_PORTS_ANNOTATION
+                ));
+                vec![]
+            }),
+        };
+        Some(PodInfo {
+            namespace,
+            name,
+            service_account: pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.as_deref())
+                .unwrap_or("default"),
+            meshed: is_meshed(pod),
+            opaque,
+        })
+    }
+}
+
+/// For a port no Service targets (only policies name it): what the workload's pods say about
+/// it, OPAQUE where their opaque-ports annotation lists it, else DETECT.
+fn pod_claims(pods: &[PodInfo<'_>], ns: &str, sa: &str, port: u16) -> Claims {
+    let mut claims = Claims::default();
+    for p in pods
+        .iter()
+        .filter(|p| p.namespace == ns && p.service_account == sa)
+    {
+        let protocol = if ports::in_ranges(&p.opaque, port) {
+            ppb::PortProtocol::Opaque
+        } else {
+            ppb::PortProtocol::Detect
+        };
+        claims.add(protocol, format!("pod {ns}/{}", p.name));
+    }
+    claims
+}
+
+/// Namespace modes from the `musubi.io/mtls-mode` annotation (a namespace-wide `MeshTLS`
+/// overrides them).
+fn namespace_annotations(s: &Snapshot, problems: &mut Vec<String>) -> BTreeMap<String, Mtls> {
     let mut out = BTreeMap::new();
     for ns in &s.namespaces {
         let Some(name) = &ns.metadata.name else {
@@ -98,11 +211,6 @@ fn namespace_modes(s: &Snapshot, problems: &mut Vec<String>) -> BTreeMap<String,
                     "namespace {name}: {MTLS_ANNOTATION}={v:?} is not STRICT or PERMISSIVE; ignored"
                 )),
             }
-        }
-    }
-    for m in &s.mesh_tls {
-        if m.spec.service_account.is_none() && m.spec.ports.is_empty() {
-            out.insert(m.namespace.clone(), m.spec.mode);
         }
     }
     out
@@ -127,13 +235,9 @@ fn protocol(app_protocol: Option<&str>) -> dpb::Protocol {
     }
 }
 
-/// One mesh service per Service port, with the endpoints of its EndpointSlices.
-fn service(
-    s: &Snapshot,
-    td: &TrustDomain,
-    svc: &KService,
-    pods: &HashMap<(&str, &str), &Pod>,
-) -> Vec<Service> {
+/// One mesh service per Service port, with the endpoints of its EndpointSlices; records the
+/// ports each Service targets on each workload's pods.
+fn service(s: &Snapshot, ctx: &mut Ctx<'_>, svc: &KService) -> Vec<Service> {
     let (Some(name), Some(ns)) = (&svc.metadata.name, &svc.metadata.namespace) else {
         return vec![];
     };
@@ -168,6 +272,8 @@ fn service(
             continue;
         };
         let port_name = sp.name.clone().unwrap_or_default();
+        let svc_protocol = protocol(sp.app_protocol.as_deref());
+        let source = format!("Service {ns}/{name} port {port}");
         let mut endpoints = Vec::new();
         for slice in &slices {
             let Some(target) = slice
@@ -183,25 +289,61 @@ fn service(
             };
             for ep in slice.endpoints.iter().flatten() {
                 let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-                let pod = ep
+                let target_pod = ep
                     .target_ref
                     .as_ref()
-                    .filter(|r| r.kind.as_deref() == Some("Pod"))
-                    .and_then(|r| {
-                        pods.get(&(r.namespace.as_deref().unwrap_or(ns), r.name.as_deref()?))
-                    });
-                let identity = pod
-                    .filter(|p| is_meshed(p))
-                    .and_then(|p| {
-                        let sa = p
-                            .spec
-                            .as_ref()
-                            .and_then(|s| s.service_account_name.as_deref())
-                            .unwrap_or("default");
-                        SpiffeId::workload(td, ns, sa).ok()
-                    })
-                    .map(|id| id.to_string())
-                    .unwrap_or_default();
+                    .filter(|r| r.kind.as_deref() == Some("Pod"));
+                let pod = target_pod.and_then(|r| {
+                    ctx.pods
+                        .get(&(r.namespace.as_deref().unwrap_or(ns), r.name.as_deref()?))
+                });
+                let (identity, plaintext_allowed) = match (target_pod, pod) {
+                    (_, Some(p)) => {
+                        let claim = if ports::in_ranges(&p.opaque, target_port) {
+                            (
+                                ppb::PortProtocol::Opaque,
+                                format!(
+                                    "pod {}/{} ({})",
+                                    p.namespace,
+                                    p.name,
+                                    ports::OPAQUE_PORTS_ANNOTATION
+                                ),
+                            )
+                        } else {
+                            (ports::port_protocol(svc_protocol), source.clone())
+                        };
+                        ctx.targeted
+                            .entry((
+                                p.namespace.to_string(),
+                                p.service_account.to_string(),
+                                target_port,
+                            ))
+                            .or_default()
+                            .add(claim.0, claim.1);
+                        let identity = p
+                            .meshed
+                            .then(|| {
+                                SpiffeId::workload(ctx.td, p.namespace, p.service_account).ok()
+                            })
+                            .flatten()
+                            .map(|id| id.to_string())
+                            .unwrap_or_default();
+                        let plaintext = identity.is_empty()
+                            && ctx.modes.plaintext_allowed(
+                                p.namespace,
+                                Some(p.service_account),
+                                target_port,
+                            );
+                        (identity, plaintext)
+                    }
+                    // A pod not seen yet: where it runs (and whether it is meshed) is unknown.
+                    (Some(_), None) => (String::new(), false),
+                    // Not a pod (an address someone wrote into the slice): the namespace's mode.
+                    (None, None) => (
+                        String::new(),
+                        ctx.modes.plaintext_allowed(ns, None, target_port),
+                    ),
+                };
                 for address in &ep.addresses {
                     if address.parse::<IpAddr>().is_err() {
                         continue;
@@ -215,7 +357,7 @@ fn service(
                         proxy_port: 0,
                         labels: Default::default(),
                         transport: dpb::Transport::Musubi as i32,
-                        plaintext_allowed: false,
+                        plaintext_allowed,
                     });
                 }
             }
@@ -232,7 +374,7 @@ fn service(
                 namespace: ns.clone(),
                 authority: format!("{name}.{ns}.svc.{}:{port}", s.cluster_domain),
                 port: u32::from(port),
-                protocol: protocol(sp.app_protocol.as_deref()) as i32,
+                protocol: svc_protocol as i32,
                 endpoints,
                 routes: vec![],
                 client_policy: None,
@@ -240,88 +382,6 @@ fn service(
         });
     }
     out
-}
-
-type Workloads = (
-    BTreeMap<(String, String), Vec<ppb::PortPolicy>>,
-    BTreeMap<(String, String), Mtls>,
-);
-
-/// Per-workload port policies from `MeshTLS` (with a service account) and
-/// `AuthorizationPolicy` objects.
-fn workload_policies(
-    s: &Snapshot,
-    namespace_mtls: &BTreeMap<String, Mtls>,
-    problems: &mut Vec<String>,
-) -> Workloads {
-    let mut workload_mtls = BTreeMap::new();
-    let mut port_mtls: BTreeMap<(String, String, u16), Mtls> = BTreeMap::new();
-    for m in &s.mesh_tls {
-        let Some(sa) = &m.spec.service_account else {
-            if !m.spec.ports.is_empty() {
-                problems.push(format!(
-                    "MeshTLS {}/{}: ports need a serviceAccount; the object is ignored",
-                    m.namespace, m.name
-                ));
-            }
-            continue;
-        };
-        let key = (m.namespace.clone(), sa.clone());
-        if m.spec.ports.is_empty() {
-            workload_mtls.insert(key, m.spec.mode);
-        } else {
-            for p in &m.spec.ports {
-                port_mtls.insert((m.namespace.clone(), sa.clone(), *p), m.spec.mode);
-            }
-        }
-    }
-    let mut rules: BTreeMap<(String, String, u16), Vec<ppb::AuthorizationRule>> = BTreeMap::new();
-    for a in &s.authorization {
-        let path = format!("AuthorizationPolicy {}/{}", a.namespace, a.name);
-        let parsed: Result<Vec<_>, _> = a
-            .spec
-            .allow
-            .iter()
-            .enumerate()
-            .map(|(i, r)| model::rule(r, &format!("{path}: allow[{i}]")))
-            .collect();
-        match parsed {
-            Ok(r) => {
-                for p in &a.spec.ports {
-                    rules
-                        .entry((a.namespace.clone(), a.spec.service_account.clone(), *p))
-                        .or_default()
-                        .extend(r.iter().cloned());
-                }
-            }
-            Err(e) => problems.push(format!("{e}; the policy is ignored")),
-        }
-    }
-    let keys: BTreeSet<(String, String, u16)> =
-        port_mtls.keys().chain(rules.keys()).cloned().collect();
-    let mut workloads: BTreeMap<(String, String), Vec<ppb::PortPolicy>> = BTreeMap::new();
-    for (ns, sa, port) in keys {
-        let mode = port_mtls
-            .get(&(ns.clone(), sa.clone(), port))
-            .or_else(|| workload_mtls.get(&(ns.clone(), sa.clone())))
-            .or_else(|| namespace_mtls.get(&ns))
-            .copied()
-            .unwrap_or(s.mtls);
-        let authorization = rules
-            .get(&(ns.clone(), sa.clone(), port))
-            .map(|r| ppb::Authorization { rules: r.clone() });
-        workloads
-            .entry((ns, sa))
-            .or_default()
-            .push(ppb::PortPolicy {
-                port: u32::from(port),
-                mtls: model::mtls_pb(mode),
-                authorization,
-                protocol: 0,
-                authorities: vec![],
-            });
-    }
-    (workloads, workload_mtls)
 }
 
 #[cfg(test)]

@@ -3,14 +3,19 @@
 //! restarts or dropped watches), and rebuilds the mesh state with [`build::build`] shortly
 //! after any change. Proxy streams are never dropped: they see the new state, or the last good
 //! one while the API server is away.
+//!
+//! It fails closed: policy is not served until the `MeshTLS` and `AuthorizationPolicy` watches
+//! have listed (a policy without them could be wider than they say); discovery is served once
+//! the core objects have listed, or after the initial-sync timeout.
 
 pub mod build;
 pub mod crd;
+pub mod status;
 
 use crate::DiscoverySource;
 use crate::model::{MeshState, Mtls};
 use build::Snapshot;
-use crd::Named;
+use crd::{Kind, Object};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -18,12 +23,16 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde::de::DeserializeOwned;
+use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
 
 /// How long to gather changes before rebuilding (a rollout touches many objects at once).
 const COALESCE: Duration = Duration::from_millis(20);
+/// How often to say, while policy is held back, which lists it waits for.
+const WAITING_REPORT: Duration = Duration::from_secs(10);
 
 pub struct KubeSourceConfig {
     pub client: kube::Client,
@@ -31,7 +40,9 @@ pub struct KubeSourceConfig {
     pub cluster_domain: String,
     /// Mesh-wide default mode.
     pub mtls: Mtls,
-    /// Longest wait for the first complete list of the core objects before serving anyway.
+    /// Longest wait for the first complete list of the core objects (namespaces, services,
+    /// endpoint slices, pods) before serving discovery anyway. Policy waits for its own lists,
+    /// however long that takes.
     pub initial_sync_timeout: Duration,
 }
 
@@ -62,12 +73,14 @@ pub fn crd_resource(kind: &str, plural: &str) -> ApiResource {
     )
 }
 
-/// Runs one watcher into its store, waking `changed` on every change.
+/// Runs one watcher into its store, waking `changed` on every change; `listed` becomes true
+/// once the first complete list is in the store.
 fn spawn_watch<K>(
     api: Api<K>,
     writer: reflector::store::Writer<K>,
     what: &'static str,
     changed: Arc<Notify>,
+    listed: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<()>
 where
     K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
@@ -81,6 +94,10 @@ where
         while let Some(event) = stream.next().await {
             match event {
                 Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+                Ok(watcher::Event::InitDone) => {
+                    listed.store(true, Ordering::Release);
+                    changed.notify_one();
+                }
                 Ok(_) => changed.notify_one(),
                 Err(e) => tracing::warn!(resource = what, error = %e, "watch failed; retrying"),
             }
@@ -88,28 +105,23 @@ where
     })
 }
 
-/// Decodes the specs of CRD objects; a spec that does not decode is reported and skipped.
-fn specs<T: DeserializeOwned>(
-    kind: &str,
-    objects: Vec<Arc<DynamicObject>>,
-    problems: &mut Vec<String>,
-) -> Vec<Named<T>> {
-    let mut out = Vec::new();
-    for o in objects {
-        let namespace = o.metadata.namespace.clone().unwrap_or_default();
-        let name = o.metadata.name.clone().unwrap_or_default();
-        let spec = o.data.get("spec").cloned().unwrap_or_default();
-        match serde_json::from_value::<T>(spec) {
-            Ok(spec) => out.push(Named {
-                namespace,
-                name,
-                spec,
-            }),
-            Err(e) => problems.push(format!("{kind} {namespace}/{name}: {e}; ignored")),
-        }
+/// CRD objects as the build reads them (sorted, so the build sees one order).
+fn objects(listed: &AtomicBool, store: &Store<DynamicObject>) -> Option<Vec<Object>> {
+    if !listed.load(Ordering::Acquire) {
+        return None;
     }
+    let mut out: Vec<Object> = store
+        .state()
+        .iter()
+        .map(|o| Object {
+            namespace: o.metadata.namespace.clone().unwrap_or_default(),
+            name: o.metadata.name.clone().unwrap_or_default(),
+            generation: o.metadata.generation,
+            spec: o.data.get("spec").cloned().unwrap_or_default(),
+        })
+        .collect();
     out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    out
+    Some(out)
 }
 
 struct Stores {
@@ -119,11 +131,13 @@ struct Stores {
     pods: Store<Pod>,
     mesh_tls: Store<DynamicObject>,
     authorization: Store<DynamicObject>,
+    mesh_tls_listed: Arc<AtomicBool>,
+    authorization_listed: Arc<AtomicBool>,
 }
 
 impl KubeSource {
-    /// Starts the watches, waits (bounded) for the first full lists, publishes the first
-    /// state, and keeps it current.
+    /// Starts the watches, waits (bounded) for the first full lists of the core objects,
+    /// publishes the first state, and keeps it current; writes each policy object's status.
     pub async fn start(cfg: KubeSourceConfig) -> Arc<KubeSource> {
         let changed = Arc::new(Notify::new());
         let c = &cfg.client;
@@ -131,8 +145,11 @@ impl KubeSource {
         let (services, w_svc) = reflector::store();
         let (slices, w_eps) = reflector::store();
         let (pods, w_pods) = reflector::store();
-        let mtls_ar = crd_resource("MeshTLS", "meshtls");
-        let authz_ar = crd_resource("AuthorizationPolicy", "authorizationpolicies");
+        let mtls_ar = crd_resource(Kind::MeshTls.name(), Kind::MeshTls.plural());
+        let authz_ar = crd_resource(
+            Kind::AuthorizationPolicy.name(),
+            Kind::AuthorizationPolicy.plural(),
+        );
         let w_mtls = reflector::store::Writer::new(mtls_ar.clone());
         let w_authz = reflector::store::Writer::new(authz_ar.clone());
         let stores = Stores {
@@ -142,28 +159,51 @@ impl KubeSource {
             pods,
             mesh_tls: w_mtls.as_reader(),
             authorization: w_authz.as_reader(),
+            mesh_tls_listed: Arc::default(),
+            authorization_listed: Arc::default(),
         };
         let mut tasks = vec![
-            spawn_watch(Api::all(c.clone()), w_ns, "namespaces", changed.clone()),
-            spawn_watch(Api::all(c.clone()), w_svc, "services", changed.clone()),
+            spawn_watch(
+                Api::all(c.clone()),
+                w_ns,
+                "namespaces",
+                changed.clone(),
+                Arc::default(),
+            ),
+            spawn_watch(
+                Api::all(c.clone()),
+                w_svc,
+                "services",
+                changed.clone(),
+                Arc::default(),
+            ),
             spawn_watch(
                 Api::all(c.clone()),
                 w_eps,
                 "endpointslices",
                 changed.clone(),
+                Arc::default(),
             ),
-            spawn_watch(Api::all(c.clone()), w_pods, "pods", changed.clone()),
+            spawn_watch(
+                Api::all(c.clone()),
+                w_pods,
+                "pods",
+                changed.clone(),
+                Arc::default(),
+            ),
             spawn_watch(
                 Api::all_with(c.clone(), &mtls_ar),
                 w_mtls,
-                "meshtls",
+                Kind::MeshTls.plural(),
                 changed.clone(),
+                stores.mesh_tls_listed.clone(),
             ),
             spawn_watch(
                 Api::all_with(c.clone(), &authz_ar),
                 w_authz,
-                "authorizationpolicies",
+                Kind::AuthorizationPolicy.plural(),
                 changed.clone(),
+                stores.authorization_listed.clone(),
             ),
         ];
         let synced = async {
@@ -171,25 +211,40 @@ impl KubeSource {
             let _ = stores.services.wait_until_ready().await;
             let _ = stores.slices.wait_until_ready().await;
             let _ = stores.pods.wait_until_ready().await;
-            let _ = stores.mesh_tls.wait_until_ready().await;
-            let _ = stores.authorization.wait_until_ready().await;
         };
         if tokio::time::timeout(cfg.initial_sync_timeout, synced)
             .await
             .is_err()
         {
             tracing::warn!(
-                "not every watch has listed yet (are the CRDs installed?); serving what is known"
+                timeout = ?cfg.initial_sync_timeout,
+                "services, endpoint slices, pods or namespaces have not listed yet; serving discovery from what is known"
             );
         }
-        let first = snapshot_state(&cfg, &stores);
-        let (tx, _) = watch::channel(Arc::new(first));
+        let mut log = ProblemLog::default();
+        let first = rebuild(&cfg, &stores, &mut log);
+        let (tx, _) = watch::channel(Arc::new(first.state));
+        let (verdicts_tx, verdicts_rx) = watch::channel(Arc::new(first.verdicts));
+        tasks.push(status::spawn_writer(
+            cfg.client.clone(),
+            status::Objects {
+                mesh_tls: (mtls_ar, stores.mesh_tls.clone()),
+                authorization: (authz_ar, stores.authorization.clone()),
+            },
+            verdicts_rx,
+        ));
         let publisher = tx.clone();
+        let waiting_rx = tx.subscribe();
+        let (mesh_tls_listed, authorization_listed) = (
+            stores.mesh_tls_listed.clone(),
+            stores.authorization_listed.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             loop {
                 changed.notified().await;
                 tokio::time::sleep(COALESCE).await;
-                let state = snapshot_state(&cfg, &stores);
+                let built = rebuild(&cfg, &stores, &mut log);
+                let state = built.state;
                 publisher.send_if_modified(|current| {
                     if **current == state {
                         false
@@ -198,14 +253,82 @@ impl KubeSource {
                         true
                     }
                 });
+                let verdicts = built.verdicts;
+                verdicts_tx.send_if_modified(|current| {
+                    if **current == verdicts {
+                        false
+                    } else {
+                        *current = Arc::new(verdicts);
+                        true
+                    }
+                });
             }
         }));
+        tasks.push(tokio::spawn(report_waiting(
+            waiting_rx,
+            mesh_tls_listed,
+            authorization_listed,
+        )));
         Arc::new(KubeSource { tx, tasks })
     }
 }
 
-fn snapshot_state(cfg: &KubeSourceConfig, stores: &Stores) -> MeshState {
-    let mut problems = Vec::new();
+/// Says loudly, every 10 s while it lasts (from 10 s after the start), that policy is held
+/// back and which lists it waits for; then says once that policy is served.
+async fn report_waiting(
+    mut state: watch::Receiver<Arc<MeshState>>,
+    mesh_tls: Arc<AtomicBool>,
+    authorization: Arc<AtomicBool>,
+) {
+    let stores_missing = || {
+        let mut out = Vec::new();
+        if !mesh_tls.load(Ordering::Acquire) {
+            out.push(Kind::MeshTls.plural());
+        }
+        if !authorization.load(Ordering::Acquire) {
+            out.push(Kind::AuthorizationPolicy.plural());
+        }
+        out.join(", ")
+    };
+    // The lists usually arrive within milliseconds of the core ones: say nothing before the
+    // first period is over.
+    let mut tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + WAITING_REPORT, WAITING_REPORT);
+    loop {
+        if state.borrow_and_update().policy_ready {
+            tracing::info!("policy lists are in; serving policy streams");
+            return;
+        }
+        tokio::select! {
+            _ = tick.tick() => tracing::warn!(
+                missing = %stores_missing(),
+                "NOT SERVING POLICY: waiting for these lists (are the policy.musubi.io CRDs \
+                 installed, and may the controller list and watch them?); proxies accept no \
+                 inbound connections until their policy arrives"
+            ),
+            changed = state.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Logs each problem once, when it first appears (a rebuild follows every change, and most
+/// problems outlive many changes).
+#[derive(Default)]
+struct ProblemLog {
+    last: BTreeSet<String>,
+}
+
+impl ProblemLog {
+    fn report(&mut self, problems: Vec<String>) {
+        let now: BTreeSet<String> = problems.into_iter().collect();
+        for p in now.difference(&self.last) {
+            tracing::warn!(problem = %p, "a Kubernetes object is not used as written");
+        }
+        self.last = now;
+    }
+}
+
+fn rebuild(cfg: &KubeSourceConfig, stores: &Stores, log: &mut ProblemLog) -> build::Built {
     let snapshot = Snapshot {
         trust_domain: cfg.trust_domain.clone(),
         cluster_domain: cfg.cluster_domain.clone(),
@@ -214,16 +337,10 @@ fn snapshot_state(cfg: &KubeSourceConfig, stores: &Stores) -> MeshState {
         services: stores.services.state(),
         slices: stores.slices.state(),
         pods: stores.pods.state(),
-        mesh_tls: specs("MeshTLS", stores.mesh_tls.state(), &mut problems),
-        authorization: specs(
-            "AuthorizationPolicy",
-            stores.authorization.state(),
-            &mut problems,
-        ),
+        mesh_tls: objects(&stores.mesh_tls_listed, &stores.mesh_tls),
+        authorization: objects(&stores.authorization_listed, &stores.authorization),
     };
-    let (state, more) = build::build(&snapshot);
-    for p in problems.iter().chain(&more) {
-        tracing::warn!(problem = %p, "skipped a Kubernetes object");
-    }
-    state
+    let mut built = build::build(&snapshot);
+    log.report(std::mem::take(&mut built.problems));
+    built
 }

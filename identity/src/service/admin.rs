@@ -48,8 +48,15 @@ fn respond(
 /// Serves the admin endpoint until the task is dropped.
 pub async fn serve(listener: TcpListener, registry: Arc<Registry>, ready: ReadyCheck) {
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                // Out of file descriptors and the like: keep serving after a pause, without
+                // spinning on the error.
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let registry = registry.clone();
         let ready = ready.clone();

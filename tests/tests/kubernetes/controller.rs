@@ -1,34 +1,30 @@
 //! The controller's Kubernetes source against the real API server, observed through the real
 //! discovery and policy streams over mTLS: endpoints of a Service appear with their pods'
-//! identities, an endpoint going away reaches the stream within a second, and namespace
-//! annotations and the policy CRDs (from the chart) reach the policy stream.
+//! identities, an endpoint going away reaches the stream within a second, namespace
+//! annotations and the policy CRDs (from the chart) reach the policy stream with every declared
+//! port, and the controller (with the chart's RBAC) writes each policy object's status.
 
 use crate::support::{self, endpoint_summary, next_matching, slice};
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
-use musubi_proto::policy::v1::{
-    InboundPolicy, MtlsMode, PolicyRequest, authorization_rule::Client, policy_client::PolicyClient,
-};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use musubi_proto::policy::v1::{InboundPolicy, MtlsMode, PortProtocol, authorization_rule::Client};
 use musubi_tests::Identity;
 use musubi_tests::apiserver::ApiServer;
 use serde_json::json;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Applies the chart's CRDs and waits until the API server serves them.
 fn install_crds(api: &ApiServer) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/musubi/crds");
-    let mut apply = api.tool("kubectl");
-    apply.args(["apply", "--server-side", "-f"]).arg(&dir);
-    support::ok(&apply.output().unwrap(), "kubectl apply (CRDs)");
-    let mut wait = api.tool("kubectl");
-    wait.args(["wait", "--for=condition=Established", "--timeout=60s"])
-        .args([
-            "crd/meshtls.policy.musubi.io",
-            "crd/authorizationpolicies.policy.musubi.io",
-        ]);
-    support::ok(&wait.output().unwrap(), "kubectl wait (CRDs)");
+    support::apply_crds(
+        api,
+        &[
+            support::crd_file("meshtls"),
+            support::crd_file("authorizationpolicies"),
+        ],
+        None,
+        &["meshtls", "authorizationpolicies"],
+    );
 }
 
 #[tokio::test]
@@ -42,8 +38,10 @@ async fn kubernetes_objects_reach_the_discovery_and_policy_streams() {
     }
 
     let identity = Identity::start().await;
-    let (running, controller_id) = support::start_controller(&kube, &identity).await;
-    let addr = running.addr.to_string();
+    // The controller runs with exactly the chart's RBAC (its status writes need it too).
+    let as_controller =
+        support::chart_controller_client(api, &kube, &format!("controller-{ns}")).await;
+    let (running, controller_id) = support::start_controller(&as_controller, &identity).await;
     let mut discovery = support::discovery_watch(
         &identity,
         &running,
@@ -104,20 +102,19 @@ async fn kubernetes_objects_reach_the_discovery_and_policy_streams() {
     eprintln!("endpoint removal reached the stream in {took:?}");
 
     // Policy: mesh default STRICT; the namespace annotation makes it PERMISSIVE; CRDs refine.
-    let api_store = identity.svid(&ns, "api").await;
-    let mut policy = PolicyClient::new(
-        musubi_proxy::control::channel(&addr, &identity.ca.bundle, api_store, controller_id)
-            .unwrap(),
-    )
-    .watch(PolicyRequest { ports: vec![8080] })
-    .await
-    .unwrap()
-    .into_inner();
+    let mut policy = support::policy_watch(&identity, &running, &controller_id, (&ns, "api")).await;
     let default_mode = |p: &InboundPolicy| p.default_policy.as_ref().map(|d| d.mtls);
-    next_matching(&mut policy, "STRICT default", Duration::from_secs(5), |p| {
+    let first = next_matching(&mut policy, "STRICT default", Duration::from_secs(5), |p| {
         default_mode(p) == Some(MtlsMode::Strict as i32)
     })
     .await;
+    // The port the Service targets on the workload's pods is declared, with its appProtocol.
+    let declared: Vec<(u32, i32, bool)> = first
+        .ports
+        .iter()
+        .map(|p| (p.port, p.protocol, p.authorization.is_some()))
+        .collect();
+    assert_eq!(declared, [(8080, PortProtocol::Http1 as i32, false)]);
     Api::<Namespace>::all(kube.clone())
         .patch(
             &ns,
@@ -137,21 +134,8 @@ async fn kubernetes_objects_reach_the_discovery_and_policy_streams() {
     .await;
 
     let create = |kind: &'static str, name: &'static str, spec: serde_json::Value| {
-        let plural = if kind == "MeshTLS" {
-            "meshtls"
-        } else {
-            "authorizationpolicies"
-        };
-        let ar = musubi_controller::kubernetes::crd_resource(kind, plural);
-        let kube = kube.clone();
-        let ns = ns.clone();
-        async move {
-            let mut obj = DynamicObject::new(name, &ar).within(&ns);
-            obj.data = json!({ "spec": spec });
-            Api::<DynamicObject>::namespaced_with(kube, &ns, &ar)
-                .create(&PostParams::default(), &obj)
-                .await
-        }
+        let (kube, ns) = (kube.clone(), ns.clone());
+        async move { support::create_policy(&kube, &ns, kind, name, spec).await }
     };
     create(
         "MeshTLS",
@@ -194,6 +178,20 @@ async fn kubernetes_objects_reach_the_discovery_and_policy_streams() {
             "spiffe://cluster.local/ns/{ns}/sa/web"
         ))]
     );
+    assert_eq!(
+        port.protocol,
+        PortProtocol::Http1 as i32,
+        "the policy keeps the port's protocol"
+    );
+    // The controller says it uses both objects as written.
+    for (kind, name) in [
+        ("MeshTLS", "api-strict"),
+        ("AuthorizationPolicy", "web-only"),
+    ] {
+        let c = support::accepted_condition(&kube, &ns, kind, name, "True").await;
+        assert_eq!(c["reason"], "Accepted", "{kind} {name}: {c}");
+        assert_eq!(c["observedGeneration"], 1, "{kind} {name}: {c}");
+    }
 
     // The API server refuses what the schema forbids.
     let bad = create("MeshTLS", "bad", json!({ "mode": "SOMETIMES" }))
@@ -212,5 +210,38 @@ async fn kubernetes_objects_reach_the_discovery_and_policy_streams() {
             .contains("ports can only be set together with serviceAccount"),
         "{bad}"
     );
+    // SPIFFE IDs are checked by the schema: most bad ones never reach the controller.
+    for (id, said) in [
+        (
+            "spiffe://cluster.local/ns/../sa/web",
+            "identity must not have a . or .. path segment",
+        ),
+        (
+            "spiffe://Cluster.Local/ns/shop/sa/web",
+            "identity must be a SPIFFE ID",
+        ),
+        ("spiffe://cluster.local", "identity must be a SPIFFE ID"),
+        (
+            "spiffe://cluster.local/ns//sa/web",
+            "identity must be a SPIFFE ID",
+        ),
+        (
+            "https://cluster.local/ns/shop/sa/web",
+            "identity must be a SPIFFE ID",
+        ),
+    ] {
+        let bad = create(
+            "AuthorizationPolicy",
+            "bad-id",
+            json!({ "serviceAccount": "api", "ports": [8080], "allow": [{ "identity": id }] }),
+        )
+        .await
+        .unwrap_err();
+        let msg = bad.to_string();
+        assert!(
+            msg.contains("spec.allow[0].identity") && msg.contains(said),
+            "{id}: {msg}"
+        );
+    }
     running.shutdown().await;
 }

@@ -160,13 +160,26 @@ pub async fn start_controller(
     musubi_controller::RunningController,
     musubi_identity::SpiffeId,
 ) {
+    start_controller_with(kube, identity, Duration::from_secs(30)).await
+}
+
+/// Like [`start_controller`], serving discovery after at most `initial_sync` without the core
+/// lists.
+pub async fn start_controller_with(
+    kube: &kube::Client,
+    identity: &musubi_tests::Identity,
+    initial_sync: Duration,
+) -> (
+    musubi_controller::RunningController,
+    musubi_identity::SpiffeId,
+) {
     use musubi_controller::kubernetes::{KubeSource, KubeSourceConfig};
     let source = KubeSource::start(KubeSourceConfig {
         client: kube.clone(),
         trust_domain: "cluster.local".into(),
         cluster_domain: "cluster.local".into(),
         mtls: musubi_controller::model::Mtls::Strict,
-        initial_sync_timeout: Duration::from_secs(30),
+        initial_sync_timeout: initial_sync,
     })
     .await;
     let running = musubi_controller::start(musubi_controller::ControllerConfig {
@@ -174,9 +187,127 @@ pub async fn start_controller(
         bundle: identity.ca.bundle.clone(),
         store: identity.svid("musubi", "musubi-controller").await,
         listener: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        streams: Default::default(),
     })
     .unwrap();
     (running, identity.id("musubi", "musubi-controller"))
+}
+
+/// A policy stream, as the workload `ns/sa` (an SVID from `identity`).
+pub async fn policy_watch(
+    identity: &musubi_tests::Identity,
+    controller: &musubi_controller::RunningController,
+    controller_id: &musubi_identity::SpiffeId,
+    (ns, sa): (&str, &str),
+) -> Streaming<musubi_proto::policy::v1::InboundPolicy> {
+    use musubi_proto::policy::v1::{PolicyRequest, policy_client::PolicyClient};
+    let channel = musubi_proxy::control::channel(
+        &controller.addr.to_string(),
+        &identity.ca.bundle,
+        identity.svid(ns, sa).await,
+        controller_id.clone(),
+    )
+    .unwrap();
+    PolicyClient::new(channel)
+        .watch(PolicyRequest { ports: vec![8080] })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The chart's CRD files (`meshtls`, `authorizationpolicies`).
+pub fn crd_file(plural: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../charts/musubi/crds")
+        .join(format!("{plural}.yaml"))
+}
+
+/// Applies CRD files (or YAML text through stdin, when `text` is given) and waits until the API
+/// server serves them.
+pub fn apply_crds(
+    api: &musubi_tests::apiserver::ApiServer,
+    files: &[std::path::PathBuf],
+    text: Option<&str>,
+    names: &[&str],
+) {
+    let mut apply = api.tool("kubectl");
+    apply.args(["apply", "--server-side", "--force-conflicts"]);
+    let out = match text {
+        Some(t) => {
+            apply.args(["-f", "-"]);
+            with_stdin(apply, t)
+        }
+        None => {
+            for f in files {
+                apply.arg("-f").arg(f);
+            }
+            apply.output().unwrap()
+        }
+    };
+    ok(&out, "kubectl apply (CRDs)");
+    let mut wait = api.tool("kubectl");
+    wait.args(["wait", "--for=condition=Established", "--timeout=60s"]);
+    for n in names {
+        wait.arg(format!("crd/{n}.policy.musubi.io"));
+    }
+    ok(&wait.output().unwrap(), "kubectl wait (CRDs)");
+}
+
+/// Creates one of Musubi's policy objects in `ns`.
+pub async fn create_policy(
+    kube: &kube::Client,
+    ns: &str,
+    kind: &str,
+    name: &str,
+    spec: serde_json::Value,
+) -> Result<kube::api::DynamicObject, kube::Error> {
+    let plural = if kind == "MeshTLS" {
+        "meshtls"
+    } else {
+        "authorizationpolicies"
+    };
+    let ar = musubi_controller::kubernetes::crd_resource(kind, plural);
+    let mut obj = kube::api::DynamicObject::new(name, &ar).within(ns);
+    obj.data = json!({ "spec": spec });
+    Api::<kube::api::DynamicObject>::namespaced_with(kube.clone(), ns, &ar)
+        .create(&PostParams::default(), &obj)
+        .await
+}
+
+/// The object's `Accepted` condition, once it says `status` for its current generation.
+pub async fn accepted_condition(
+    kube: &kube::Client,
+    ns: &str,
+    kind: &str,
+    name: &str,
+    status: &str,
+) -> serde_json::Value {
+    let plural = if kind == "MeshTLS" {
+        "meshtls"
+    } else {
+        "authorizationpolicies"
+    };
+    let ar = musubi_controller::kubernetes::crd_resource(kind, plural);
+    let api = Api::<kube::api::DynamicObject>::namespaced_with(kube.clone(), ns, &ar);
+    musubi_tests::eventually(
+        &format!("{kind} {ns}/{name} to say Accepted={status}"),
+        Duration::from_secs(20),
+        || {
+            let api = api.clone();
+            async move {
+                let o = api.get(name).await.ok()?;
+                let generation = o.metadata.generation;
+                let c = o.data["status"]["conditions"]
+                    .as_array()?
+                    .iter()
+                    .find(|c| c["type"] == "Accepted")?
+                    .clone();
+                (c["status"] == status && c["observedGeneration"].as_i64() == generation)
+                    .then_some(c)
+            }
+        },
+    )
+    .await
 }
 
 /// Runs `cmd` with `input` on its stdin; returns what it said.
@@ -260,4 +391,73 @@ pub fn ok(out: &std::process::Output, what: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A client with exactly the controller's RBAC from the chart: its ClusterRole (rendered by
+/// Helm) under a name of its own, bound to a user of its own.
+pub async fn chart_controller_client(
+    api: &musubi_tests::apiserver::ApiServer,
+    kube: &kube::Client,
+    user: &str,
+) -> kube::Client {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/musubi");
+    let mut helm = api.tool("helm");
+    helm.args(["template", "musubi"])
+        .arg(&chart)
+        .args([
+            "--namespace",
+            "musubi-system",
+            "--show-only",
+            "templates/controller.yaml",
+        ])
+        .args([
+            "--set",
+            "identity.trustAnchorsPEM=-----BEGIN CERTIFICATE----- x",
+            "--set",
+            "identity.issuer.crtPEM=x",
+        ])
+        .args([
+            "--set",
+            "identity.issuer.keyPEM=x",
+            "--set",
+            "injector.tls.crtPEM=x",
+        ])
+        .args([
+            "--set",
+            "injector.tls.keyPEM=x",
+            "--set",
+            "injector.tls.caPEM=x",
+        ]);
+    let rendered = ok(&helm.output().unwrap(), "helm template (controller)");
+    let mut role: ClusterRole = rendered
+        .split("\n---")
+        .filter_map(|doc| serde_yaml::from_str::<serde_json::Value>(doc).ok())
+        .find(|v| v["kind"] == "ClusterRole")
+        .map(|v| serde_json::from_value(v).unwrap())
+        .expect("the chart has the controller's ClusterRole");
+    let name = format!("musubi-controller-as-{user}");
+    role.metadata = ObjectMeta {
+        name: Some(name.clone()),
+        ..Default::default()
+    };
+    Api::<ClusterRole>::all(kube.clone())
+        .create(&PostParams::default(), &role)
+        .await
+        .unwrap();
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name },
+        "subjects": [{ "apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user }],
+    }))
+    .unwrap();
+    Api::<ClusterRoleBinding>::all(kube.clone())
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    let kc = kube::config::Kubeconfig::read_from(api.kubeconfig_for(user, &[])).unwrap();
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
+    kube::Client::try_from(cfg).unwrap()
 }
