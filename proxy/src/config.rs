@@ -126,7 +126,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
             h2_max_concurrent_streams: 2000,
-            max_destinations: 1024,
+            max_destinations: 1000,
             destination_idle: Duration::from_secs(600),
         }
     }

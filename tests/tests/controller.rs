@@ -201,6 +201,18 @@ async fn proxies_follow_the_controller_and_survive_its_restart() {
         body.contains("client-id=spiffe://cluster.local/ns/shop/sa/web"),
         "{body}"
     );
+    // Both sides label the request by the Service's canonical authority: the client from
+    // discovery, the server from the policy (the Services that target its port).
+    for (p, direction) in [(&client, "outbound"), (&server, "inbound")] {
+        let m = p.metrics().await;
+        assert!(
+            m.lines()
+                .any(|l| l.starts_with("musubi_proxy_requests_total{")
+                    && l.contains(&format!("direction=\"{direction}\""))
+                    && l.contains("authority=\"api.shop.svc.cluster.local:80\"")),
+            "{direction}:\n{m}"
+        );
+    }
 
     // Controller down: traffic keeps flowing on the last snapshot.
     controller.stop().await;
