@@ -66,9 +66,13 @@ impl Header {
         field(FIELD_PORT, &self.port.to_be_bytes());
         field(FIELD_PROTOCOL, &[self.protocol as u8]);
         if let Some(a) = &self.authority {
-            // Authorities longer than the limit are only informational; cut them.
-            let a = &a.as_bytes()[..a.len().min(255)];
-            field(FIELD_AUTHORITY, a);
+            // Authorities longer than the limit are only informational; cut them, at a
+            // character boundary so that the cut one is still UTF-8 (found by fuzzing).
+            let mut end = a.len().min(255);
+            while !a.is_char_boundary(end) {
+                end -= 1;
+            }
+            field(FIELD_AUTHORITY, &a.as_bytes()[..end]);
         }
         let mut out = Vec::with_capacity(6 + body.len());
         out.extend_from_slice(&MAGIC);
@@ -171,6 +175,14 @@ mod tests {
             assert_eq!(Header::read(&mut rest).await.unwrap(), header);
             assert!(rest.is_empty(), "read must not consume past the header");
         }
+    }
+
+    #[tokio::test]
+    async fn a_long_authority_is_cut_on_a_character_boundary() {
+        let long = format!("{}é", "a".repeat(254));
+        let bytes = h(80, Protocol::Http2, Some(&long)).encode();
+        let got = Header::read(&mut &bytes[..]).await.unwrap();
+        assert_eq!(got.authority.as_deref(), Some("a".repeat(254).as_str()));
     }
 
     #[tokio::test]
