@@ -166,6 +166,15 @@ async fn a_forged_client_id_through_a_connect_tunnel_is_replaced() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_not_forged(&answer, WEB);
     assert_eq!(removed(&m.server, "inbound").await, 1.0);
+    // In any casing, and more than once.
+    let mut tunnel = connect(m.client.running.outbound, "api.shop:80").await;
+    let request = format!(
+        "GET /casing HTTP/1.1\r\nHost: api.shop\r\nMUSUBI-Client-Id: {FORGED}\r\nmusubi-client-ID: {FORGED}\r\nConnection: close\r\n\r\n"
+    );
+    let answer = exchange(&mut tunnel, request.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_not_forged(&answer, WEB);
+    assert_eq!(removed(&m.server, "inbound").await, 3.0);
 }
 
 #[tokio::test]
