@@ -161,6 +161,16 @@ fn plaintext_allowed(ctx: &Ctx, ep: &Endpoint, authority: &str) -> bool {
     ep.plaintext_allowed
 }
 
+fn not_meshed(ep: &Endpoint, dest: &Destination) -> Response<Body> {
+    error_response(
+        StatusCode::BAD_GATEWAY,
+        &format!(
+            "endpoint {} of {} is not meshed and mTLS is STRICT there",
+            ep.connect, dest.authority
+        ),
+    )
+}
+
 /// Serves the application's HTTP connection (HTTP/1.1 or HTTP/2), request by request. With a
 /// `target` (transparent mode), requests go to that original destination; without one, each
 /// request's authority decides.
@@ -236,7 +246,7 @@ async fn handle(
     match resolution {
         Resolution::Unknown => {
             let connect_to = target.unwrap_or_else(|| authority.clone());
-            passthrough(ctx, req, authority, connect_to, slot).await
+            passthrough(ctx, req, authority, connect_to).await
         }
         Resolution::Meshed(dest) => {
             let Some(ep) = pick(&dest) else {
@@ -249,15 +259,9 @@ async fn handle(
             let ep = ep.clone();
             if ep.identity.is_none() {
                 if !plaintext_allowed(&ctx, &ep, &dest.authority) {
-                    return error_response(
-                        StatusCode::BAD_GATEWAY,
-                        &format!(
-                            "endpoint {} of {} is not meshed and mTLS is STRICT there",
-                            ep.connect, dest.authority
-                        ),
-                    );
+                    return not_meshed(&ep, &dest);
                 }
-                return passthrough(ctx, req, authority, ep.connect.to_string(), slot).await;
+                return passthrough(ctx, req, authority, ep.connect.to_string()).await;
             }
             if h::is_upgrade(&req) {
                 upgrade(ctx, req, &dest, &ep, authority, slot).await
@@ -448,7 +452,6 @@ async fn passthrough(
     req: Request<Incoming>,
     authority: String,
     connect_to: String,
-    _slot: Slot,
 ) -> Response<Body> {
     let started = Instant::now();
     let stats = RequestStats::new(
@@ -534,13 +537,7 @@ async fn connect_tunnel(ctx: Arc<Ctx>, mut req: Request<Incoming>, slot: Slot) -
             };
             if ep.identity.is_none() {
                 if !plaintext_allowed(&ctx, &ep, &dest.authority) {
-                    return error_response(
-                        StatusCode::BAD_GATEWAY,
-                        &format!(
-                            "endpoint {} of {} is not meshed and mTLS is STRICT there",
-                            ep.connect, dest.authority
-                        ),
-                    );
+                    return not_meshed(&ep, &dest);
                 }
                 match TcpStream::connect(ep.connect).await {
                     Ok(s) => (TunnelEnd::Tcp(s), plain_labels()),

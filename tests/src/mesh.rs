@@ -333,3 +333,39 @@ pub async fn proxy_process(
         _dir: dir,
     }
 }
+
+/// A server proxy for `shop/<server_sa>` in front of `app_port` (set up by `server`, whose
+/// `app_ports` is filled in), and a client proxy `shop/web` whose discovery sends `authority`
+/// (e.g. `api.shop:80`) to it.
+pub async fn pair(
+    identity: &Identity,
+    server_sa: &str,
+    app_port: u16,
+    authority: &str,
+    server: Setup,
+) -> (Proxy, Proxy) {
+    let server = proxy(
+        identity,
+        "shop",
+        server_sa,
+        Setup {
+            app_ports: vec![app_port],
+            ..server
+        },
+    )
+    .await;
+    let client = proxy(
+        identity,
+        "shop",
+        "web",
+        Setup {
+            destinations: HashMap::from([(
+                authority.to_string(),
+                destination(authority, &server, app_port),
+            )]),
+            ..Setup::default()
+        },
+    )
+    .await;
+    (server, client)
+}

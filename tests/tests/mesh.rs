@@ -9,7 +9,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use musubi_proxy::destination::{Destination, Endpoint, Protocol, Transport};
 use musubi_proxy::policy::{InboundPolicy, MtlsMode, PortPolicy, PortProtocol, Rule};
-use musubi_tests::mesh::{Proxy, Setup, destination, destination_as, proxy};
+use musubi_tests::mesh::{Proxy, Setup, destination, destination_as, pair, proxy};
 use musubi_tests::{Identity, apps, metric_value};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -68,30 +68,11 @@ struct Mesh {
 async fn mesh(policy: Option<InboundPolicy>) -> Mesh {
     let identity = Identity::start().await;
     let app = apps::http().await;
-    let server = proxy(
-        &identity,
-        "shop",
-        "api",
-        Setup {
-            app_ports: vec![app.port()],
-            policy,
-            ..Setup::default()
-        },
-    )
-    .await;
-    let client = proxy(
-        &identity,
-        "shop",
-        "web",
-        Setup {
-            destinations: HashMap::from([(
-                "api.shop:80".to_string(),
-                destination("api.shop:80", &server, app.port()),
-            )]),
-            ..Setup::default()
-        },
-    )
-    .await;
+    let server = Setup {
+        policy,
+        ..Setup::default()
+    };
+    let (server, client) = pair(&identity, "api", app.port(), "api.shop:80", server).await;
     Mesh {
         identity,
         app,
@@ -204,30 +185,11 @@ async fn an_http2_caller_reaches_an_http1_only_application() {
             ..PortPolicy::STRICT
         },
     );
-    let server = proxy(
-        &identity,
-        "shop",
-        "api",
-        Setup {
-            app_ports: vec![app.port()],
-            policy: Some(policy),
-            ..Setup::default()
-        },
-    )
-    .await;
-    let client = proxy(
-        &identity,
-        "shop",
-        "web",
-        Setup {
-            destinations: HashMap::from([(
-                "api.shop:80".to_string(),
-                destination("api.shop:80", &server, app.port()),
-            )]),
-            ..Setup::default()
-        },
-    )
-    .await;
+    let server = Setup {
+        policy: Some(policy),
+        ..Setup::default()
+    };
+    let (_server, client) = pair(&identity, "api", app.port(), "api.shop:80", server).await;
     let (status, body) = http2(client.running.outbound, "http://api.shop:80/h2-caller").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body.starts_with("version=HTTP/1.1 "), "{body}");
@@ -373,30 +335,11 @@ async fn upgrade_and_opaque_tunnels_carry_bytes_both_ways() {
             ..PortPolicy::STRICT
         },
     );
-    let server = proxy(
-        &m.identity,
-        "shop",
-        "db",
-        Setup {
-            app_ports: vec![echo.port()],
-            policy: Some(opaque),
-            ..Setup::default()
-        },
-    )
-    .await;
-    let client = proxy(
-        &m.identity,
-        "shop",
-        "web",
-        Setup {
-            destinations: HashMap::from([(
-                "db.shop:5432".to_string(),
-                destination("db.shop:5432", &server, echo.port()),
-            )]),
-            ..Setup::default()
-        },
-    )
-    .await;
+    let server = Setup {
+        policy: Some(opaque),
+        ..Setup::default()
+    };
+    let (server, client) = pair(&m.identity, "db", echo.port(), "db.shop:5432", server).await;
     let mut tcp = TcpStream::connect(client.running.outbound).await.unwrap();
     tcp.write_all(b"CONNECT db.shop:5432 HTTP/1.1\r\nHost: db.shop:5432\r\n\r\n")
         .await

@@ -4,9 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: fail loudly
 
 use musubi_tests::grpc::{self, pb};
-use musubi_tests::mesh::{Setup, destination, proxy};
+use musubi_tests::mesh::{Setup, pair};
 use musubi_tests::{Identity, eventually};
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio_stream::StreamExt;
@@ -16,27 +15,12 @@ use tonic::transport::Endpoint;
 async fn grpc_unary_streaming_trailers_deadlines_and_cancellation() {
     let identity = Identity::start().await;
     let app = grpc::serve().await;
-    let server = proxy(
+    let (_server, client) = pair(
         &identity,
-        "shop",
         "echo",
-        Setup {
-            app_ports: vec![app.addr.port()],
-            ..Setup::default()
-        },
-    )
-    .await;
-    let client = proxy(
-        &identity,
-        "shop",
-        "web",
-        Setup {
-            destinations: HashMap::from([(
-                "echo.shop:80".to_string(),
-                destination("echo.shop:80", &server, app.addr.port()),
-            )]),
-            ..Setup::default()
-        },
+        app.addr.port(),
+        "echo.shop:80",
+        Setup::default(),
     )
     .await;
     // The application addresses `echo.shop:80`; the connection goes to its own outbound proxy.

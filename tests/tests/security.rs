@@ -15,9 +15,8 @@ use musubi_proxy::config;
 use musubi_proxy::policy::{InboundPolicy, MtlsMode, PortPolicy};
 use musubi_proxy::pool::ALPN;
 use musubi_proxy::transport::{Header, Protocol};
-use musubi_tests::mesh::{Controller, Proxy, Setup, destination, proxy};
+use musubi_tests::mesh::{Controller, Proxy, Setup, pair, proxy};
 use musubi_tests::{Identity, apps, eventually, metric_value};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -38,31 +37,12 @@ struct Mesh {
 async fn mesh(server_env: Vec<(&'static str, String)>, policy: Option<InboundPolicy>) -> Mesh {
     let identity = Identity::start().await;
     let app = apps::http().await;
-    let server = proxy(
-        &identity,
-        "shop",
-        "api",
-        Setup {
-            app_ports: vec![app.port()],
-            policy,
-            env: server_env,
-            ..Setup::default()
-        },
-    )
-    .await;
-    let client = proxy(
-        &identity,
-        "shop",
-        "web",
-        Setup {
-            destinations: HashMap::from([(
-                "api.shop:80".to_string(),
-                destination("api.shop:80", &server, app.port()),
-            )]),
-            ..Setup::default()
-        },
-    )
-    .await;
+    let server = Setup {
+        policy,
+        env: server_env,
+        ..Setup::default()
+    };
+    let (server, client) = pair(&identity, "api", app.port(), "api.shop:80", server).await;
     Mesh {
         identity,
         app,
@@ -228,30 +208,11 @@ async fn a_request_sent_after_the_detection_timeout_is_still_served_as_http() {
 async fn server_speaks_first_protocols_still_work_on_detected_ports() {
     let identity = Identity::start().await;
     let echo = apps::tcp_echo().await;
-    let server = proxy(
-        &identity,
-        "shop",
-        "db",
-        Setup {
-            app_ports: vec![echo.port()],
-            env: vec![(config::DETECT_TIMEOUT, "200ms".into())],
-            ..Setup::default()
-        },
-    )
-    .await;
-    let client = proxy(
-        &identity,
-        "shop",
-        "web",
-        Setup {
-            destinations: HashMap::from([(
-                "db.shop:5433".to_string(),
-                destination("db.shop:5433", &server, echo.port()),
-            )]),
-            ..Setup::default()
-        },
-    )
-    .await;
+    let server = Setup {
+        env: vec![(config::DETECT_TIMEOUT, "200ms".into())],
+        ..Setup::default()
+    };
+    let (_server, client) = pair(&identity, "db", echo.port(), "db.shop:5433", server).await;
     // The client waits for the server's greeting, as SMTP or MySQL clients do.
     let mut tunnel = connect(client.running.outbound, "db.shop:5433").await;
     let mut greeting = [0u8; 5];
