@@ -35,6 +35,10 @@ pub struct Args {
     /// repeatable), and skip capacity, opaque TCP and start-to-ready: for profiling one path.
     #[arg(long = "point", value_parser = parse_point)]
     pub points: Vec<Point>,
+    /// Measure only opaque TCP (throughput and new mTLS connections per second): for
+    /// before/after a change of the copy path.
+    #[arg(long, conflicts_with = "points")]
+    pub opaque_only: bool,
 }
 
 /// `KIND:RPS:CONNECTIONS`, e.g. `grpc:1000:16`.
@@ -273,6 +277,8 @@ pub async fn run(a: Args) -> Result<()> {
     let only_latency = !a.points.is_empty();
     let points = if only_latency {
         a.points.clone()
+    } else if a.opaque_only {
+        vec![]
     } else {
         plan(a.quick)
     };
@@ -315,7 +321,12 @@ pub async fn run(a: Args) -> Result<()> {
             ..Capacity::default()
         })
         .collect();
-    for rate in capacity_steps(a.quick) {
+    let steps = if a.opaque_only {
+        vec![]
+    } else {
+        capacity_steps(a.quick)
+    };
+    for rate in steps {
         let point = Point {
             kind: Kind::Http1,
             rps: rate,

@@ -70,11 +70,27 @@ impl Pipe {
                 }
             }
             while self.start < self.end {
-                let n = ready!(
-                    writer
-                        .as_mut()
-                        .poll_write(cx, &self.buf[self.start..self.end])
-                )?;
+                let n = match writer
+                    .as_mut()
+                    .poll_write(cx, &self.buf[self.start..self.end])
+                {
+                    Poll::Ready(r) => r?,
+                    Poll::Pending => {
+                        // The writer is full: meanwhile read more into the rest of the
+                        // buffer, so both sides keep moving.
+                        if !self.eof && self.end < self.buf.len() {
+                            let mut rb = ReadBuf::new(&mut self.buf[self.end..]);
+                            if let Poll::Ready(r) = reader.as_mut().poll_read(cx, &mut rb) {
+                                r?;
+                                let n = rb.filled().len();
+                                self.eof = n == 0;
+                                self.end += n;
+                                self.grow = self.end == self.buf.len();
+                            }
+                        }
+                        return Poll::Pending;
+                    }
+                };
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
