@@ -9,7 +9,8 @@
 #
 # FUZZ_TARGETS="detect transport" limits smoke and long to those targets; FUZZ_SANITIZER
 # (address, the default, or none: a shorter build and faster runs, for code without unsafe
-# dependencies to check) and FUZZ_TARGET_DIR (default fuzz/target; a directory that outlives the
+# dependencies to check), FUZZ_FEATURES (the fuzz crate's features, e.g. ignore-known-bugs)
+# and FUZZ_TARGET_DIR (default fuzz/target; a directory that outlives the
 # checkout, like ~/.cache, makes a CI build warm) change the build. Every run is one
 # libFuzzer process (no -fork, no -jobs): the machines have two cores. Any crash, timeout or
 # out-of-memory makes the script exit 1 after the other targets have run; the input that did it
@@ -28,6 +29,9 @@ export CARGO_INCREMENTAL=0
 # with 16 codegen units instead of 1: a much shorter build for slightly slower code.
 # Build and run must get the same flags, or `run` rebuilds.
 BUILD_FLAGS=(--debug-assertions --codegen-units 16 --sanitizer "${FUZZ_SANITIZER:-address}")
+if [ -n "${FUZZ_FEATURES:-}" ]; then
+  BUILD_FLAGS+=(--features "${FUZZ_FEATURES}")
+fi
 if [ -n "${FUZZ_TARGET_DIR:-}" ]; then
   BUILD_FLAGS+=(--target-dir "${FUZZ_TARGET_DIR}")
 fi
