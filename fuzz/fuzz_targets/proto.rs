@@ -1,0 +1,62 @@
+//! The controller's streams as the proxy receives them: bytes decoded as a discovery update
+//! and as an inbound policy (prost), then converted to the proxy's domain types, which must
+//! refuse anything malformed with an error, never a panic. Converted values are then used the
+//! way the proxy uses them (authorization, the admin endpoint's JSON).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use musubi_identity::{SpiffeId, TrustDomain};
+use musubi_proto::discovery::v1 as dpb;
+use musubi_proto::policy::v1 as ppb;
+use musubi_proxy::destination::from_update;
+use musubi_proxy::policy::{InboundPolicy, Peer, authorize};
+use prost::Message as _;
+use std::sync::LazyLock;
+
+static TRUST_DOMAIN: LazyLock<TrustDomain> =
+    LazyLock::new(|| TrustDomain::new("cluster.local").expect("a valid trust domain"));
+static PEERS: LazyLock<[Peer; 3]> = LazyLock::new(|| {
+    let id = |s: &str| Peer::Mesh(SpiffeId::parse(s).expect("a valid SPIFFE ID"));
+    [
+        id("spiffe://cluster.local/ns/shop/sa/web"),
+        id("spiffe://other.domain/ns/shop/sa/web"),
+        Peer::Unauthenticated,
+    ]
+});
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(update) = dpb::ServiceUpdate::decode(data) {
+        service_update(&update);
+    }
+    if let Ok(policy) = ppb::InboundPolicy::decode(data) {
+        inbound_policy(&policy);
+    }
+});
+
+fn service_update(update: &dpb::ServiceUpdate) {
+    let Ok(Some(dest)) = from_update(update) else {
+        return;
+    };
+    let sent = update.service.as_ref().map_or(0, |s| s.endpoints.len());
+    assert!(dest.endpoints.len() <= sent);
+    for ep in &dest.endpoints {
+        assert!(
+            ep.app_port > 0 && ep.connect.port() > 0 && ep.weight > 0,
+            "{ep:?}"
+        );
+    }
+    serde_json::to_string(&dest).expect("a destination serializes");
+}
+
+fn inbound_policy(policy: &ppb::InboundPolicy) {
+    let Ok(converted) = InboundPolicy::try_from(policy) else {
+        return;
+    };
+    let ports = converted.ports.keys().copied().chain([80, 65535]);
+    for port in ports.take(64) {
+        for peer in PEERS.iter() {
+            let _ = authorize(&converted, port, peer, &TRUST_DOMAIN).label();
+        }
+    }
+    serde_json::to_string(&converted).expect("a policy serializes");
+}
