@@ -1,6 +1,7 @@
-//! Protocol detection on a plaintext connection's first bytes: `classify` must decide (or ask
-//! for more) on anything, including every prefix of the input, which is what a peer that sends
-//! its bytes one segment at a time makes the proxy see.
+//! Protocol detection on a connection's first bytes: `classify` must decide (or ask for more)
+//! on anything, including every prefix of the input, which is what a peer that sends its bytes
+//! one segment at a time makes the proxy see; and a decision, once made, must not change as
+//! more bytes arrive (else the verdict would depend on how the client split its bytes).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -10,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
     let whole = classify(data);
     for end in musubi_fuzz::prefix_ends(data.len()) {
         let verdict = classify(&data[..end]);
-        if cfg!(feature = "detect-prefix-stable") && matches!(verdict, Verdict::Known(_)) {
+        if matches!(verdict, Verdict::Known(_)) {
             assert_eq!(
                 verdict,
                 whole,

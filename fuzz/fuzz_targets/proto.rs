@@ -49,9 +49,25 @@ fn service_update(update: &dpb::ServiceUpdate) {
 }
 
 fn inbound_policy(policy: &ppb::InboundPolicy) {
-    let Ok(converted) = InboundPolicy::try_from(policy) else {
-        return;
-    };
+    let converted = InboundPolicy::from(policy);
+    // What cannot be used is dropped, never invented: a port keeps at most the rules it was sent.
+    for p in &policy.ports {
+        if let Some(kept) = u16::try_from(p.port)
+            .ok()
+            .and_then(|port| converted.ports.get(&port))
+            .and_then(|c| c.allow.as_ref())
+        {
+            // A port listed twice: the last entry wins, so compare with the longest.
+            let sent = policy
+                .ports
+                .iter()
+                .filter(|q| q.port == p.port)
+                .map(|q| q.authorization.as_ref().map_or(0, |a| a.rules.len()))
+                .max()
+                .unwrap_or(0);
+            assert!(kept.len() <= sent, "{kept:?} from {p:?}");
+        }
+    }
     let ports = converted.ports.keys().copied().chain([80, 65535]);
     for port in ports.take(64) {
         for peer in PEERS.iter() {
