@@ -58,15 +58,7 @@ impl LocalHttp1 {
         while let Some(mut sender) = self.take_idle(port) {
             match sender.try_send_request(req).await {
                 Ok(resp) => return Ok(self.returning(port, sender, resp)),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => req = unsent,
-                    None => {
-                        return Err(LocalError::Http {
-                            port,
-                            reason: e.into_error(),
-                        });
-                    }
-                },
+                Err(e) => req = unsent(port, e)?,
             }
         }
         let mut sender = connect(port).await?;
@@ -157,16 +149,8 @@ impl LocalHttp2 {
         {
             match sender.try_send_request(req).await {
                 Ok(resp) => return Ok(resp),
-                Err(mut e) => match e.take_message() {
-                    // The connection went away before taking it: send it on a new one.
-                    Some(unsent) => req = unsent,
-                    None => {
-                        return Err(LocalError::Http {
-                            port,
-                            reason: e.into_error(),
-                        });
-                    }
-                },
+                // The connection went away before taking it: send it on a new one.
+                Err(e) => req = unsent(port, e)?,
             }
         }
         let mut sender = connect_h2(port).await?;
@@ -266,6 +250,21 @@ impl Drop for Returning {
         if self.done || self.body.is_end_stream() {
             self.give_back();
         }
+    }
+}
+
+/// A request the connection refused before taking it comes back to be sent on another one;
+/// one it took and then failed is an error.
+fn unsent(
+    port: u16,
+    mut e: hyper::client::conn::TrySendError<Request<Body>>,
+) -> Result<Request<Body>, LocalError> {
+    match e.take_message() {
+        Some(req) => Ok(req),
+        None => Err(LocalError::Http {
+            port,
+            reason: e.into_error(),
+        }),
     }
 }
 

@@ -369,3 +369,27 @@ pub async fn pair(
     .await;
     (server, client)
 }
+
+/// web → api: an HTTP app that reports what it receives (`crate::apps::http`), a server proxy
+/// `shop/api` in front of it (set up by `server`) and a client proxy `shop/web` whose discovery
+/// sends `api.shop:80` to the server.
+pub struct WebApi {
+    pub identity: Identity,
+    pub app: crate::apps::App,
+    pub server: Proxy,
+    pub client: Proxy,
+}
+
+impl WebApi {
+    pub async fn start(server: Setup) -> WebApi {
+        let identity = Identity::start().await;
+        let app = crate::apps::http().await;
+        let (server, client) = pair(&identity, "api", app.port(), "api.shop:80", server).await;
+        WebApi {
+            identity,
+            app,
+            server,
+            client,
+        }
+    }
+}

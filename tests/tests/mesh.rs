@@ -9,7 +9,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use musubi_proxy::destination::{Destination, Endpoint, Protocol, Transport};
 use musubi_proxy::policy::{InboundPolicy, MtlsMode, PortPolicy, PortProtocol, Rule};
-use musubi_tests::mesh::{Proxy, Setup, destination, destination_as, pair, proxy};
+use musubi_tests::mesh::{Setup, WebApi, destination, destination_as, pair, proxy};
 use musubi_tests::{Identity, apps, metric_value};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -57,28 +57,13 @@ async fn http2(outbound: SocketAddr, uri: &str) -> (StatusCode, String) {
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
-struct Mesh {
-    identity: Identity,
-    app: apps::App,
-    server: Proxy,
-    client: Proxy,
-}
-
 /// web (client proxy) → api (server proxy) → HTTP app, with `api.shop:80` resolving to the server.
-async fn mesh(policy: Option<InboundPolicy>) -> Mesh {
-    let identity = Identity::start().await;
-    let app = apps::http().await;
-    let server = Setup {
+async fn mesh(policy: Option<InboundPolicy>) -> WebApi {
+    WebApi::start(Setup {
         policy,
         ..Setup::default()
-    };
-    let (server, client) = pair(&identity, "api", app.port(), "api.shop:80", server).await;
-    Mesh {
-        identity,
-        app,
-        server,
-        client,
-    }
+    })
+    .await
 }
 
 #[tokio::test]

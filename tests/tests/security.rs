@@ -15,7 +15,7 @@ use musubi_proxy::config;
 use musubi_proxy::policy::{InboundPolicy, MtlsMode, PortPolicy};
 use musubi_proxy::pool::ALPN;
 use musubi_proxy::transport::{Header, Protocol};
-use musubi_tests::mesh::{Controller, Proxy, Setup, pair, proxy};
+use musubi_tests::mesh::{Controller, Proxy, Setup, WebApi, pair, proxy};
 use musubi_tests::{Identity, apps, eventually, metric_value};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -26,29 +26,27 @@ const FORGED: &str = "spiffe://cluster.local/ns/prod/sa/admin";
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const WAIT: Duration = Duration::from_secs(10);
 
-struct Mesh {
-    identity: Identity,
-    app: apps::App,
-    server: Proxy,
-    client: Proxy,
-}
-
 /// web → api (an HTTP app that reports the `musubi-client-id` it receives).
-async fn mesh(server_env: Vec<(&'static str, String)>, policy: Option<InboundPolicy>) -> Mesh {
-    let identity = Identity::start().await;
-    let app = apps::http().await;
-    let server = Setup {
+async fn mesh(server_env: Vec<(&'static str, String)>, policy: Option<InboundPolicy>) -> WebApi {
+    WebApi::start(Setup {
         policy,
         env: server_env,
         ..Setup::default()
-    };
-    let (server, client) = pair(&identity, "api", app.port(), "api.shop:80", server).await;
-    Mesh {
-        identity,
-        app,
-        server,
-        client,
-    }
+    })
+    .await
+}
+
+/// Waits until `server` has given up waiting for a connection's first bytes.
+async fn detection_timed_out(server: &Proxy) {
+    eventually("the server proxy's detection timed out", WAIT, || async {
+        metric_value(
+            &server.metrics().await,
+            "musubi_proxy_protocol_detections_total",
+            "protocol=\"timeout\"",
+        )
+        .filter(|v| *v >= 1.0)
+    })
+    .await;
 }
 
 fn permissive() -> InboundPolicy {
@@ -190,15 +188,7 @@ async fn a_request_sent_after_the_detection_timeout_is_still_served_as_http() {
     let m = mesh(vec![(config::DETECT_TIMEOUT, "200ms".into())], None).await;
     let mut tunnel = connect(m.client.running.outbound, "api.shop:80").await;
     // Say nothing until the server proxy has given up waiting for the first bytes.
-    eventually("the server proxy's detection timed out", WAIT, || async {
-        metric_value(
-            &m.server.metrics().await,
-            "musubi_proxy_protocol_detections_total",
-            "protocol=\"timeout\"",
-        )
-        .filter(|v| *v >= 1.0)
-    })
-    .await;
+    detection_timed_out(&m.server).await;
     let answer = exchange(&mut tunnel, &forged_request("\r\n", "/late")).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_not_forged(&answer, WEB);
@@ -229,7 +219,7 @@ async fn server_speaks_first_protocols_still_work_on_detected_ports() {
 
 /// A meshed workload that bypasses its own proxy: it holds a real certificate (its own) and
 /// talks to the server proxy directly, saying whatever it likes.
-async fn rogue_peer(m: &Mesh, header: Header) -> tokio_rustls::client::TlsStream<TcpStream> {
+async fn rogue_peer(m: &WebApi, header: Header) -> tokio_rustls::client::TlsStream<TcpStream> {
     let store = m.identity.svid("shop", "web").await;
     let cfg = tls::client_config(
         Some(store),
@@ -326,15 +316,7 @@ async fn a_permissive_port_gives_plaintext_callers_no_identity_on_any_path() {
     }
     // Late, after the detection timeout.
     let mut tcp = TcpStream::connect(inbound).await.unwrap();
-    eventually("detection timed out", WAIT, || async {
-        metric_value(
-            &m.server.metrics().await,
-            "musubi_proxy_protocol_detections_total",
-            "protocol=\"timeout\"",
-        )
-        .filter(|v| *v >= 1.0)
-    })
-    .await;
+    detection_timed_out(&m.server).await;
     let answer = exchange(&mut tcp, &forged_request("\r\n", "/late")).await;
     assert!(answer.contains("client-id=- "), "{answer}");
 }
