@@ -73,3 +73,9 @@ step "benchmark smoke runs (bench/ --quick; they assert nothing about speed)"
 cargo build --locked --bin musubi-identity --bin musubi-proxy --bin musubi-bench
 ./target/debug/musubi-bench certify --quick
 ./target/debug/musubi-bench mesh --quick
+
+step "fuzz smoke runs (every fuzz/ target for ${SMOKE_SECONDS:-15} s)"
+# Unoptimized and without AddressSanitizer: the shortest build (about 5 minutes cold, kept in
+# ~/.cache so a warm machine skips it). Long runs use the default build (fuzz/README.md).
+FUZZ_PROFILE=dev FUZZ_SANITIZER=none FUZZ_TARGET_DIR="${HOME}/.cache/musubi/fuzz-target" \
+  ./scripts/fuzz.sh smoke
