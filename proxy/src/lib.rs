@@ -21,6 +21,7 @@ pub mod outbound;
 pub mod own;
 pub mod policy;
 pub mod pool;
+pub mod route;
 pub mod run;
 pub mod transport;
 
