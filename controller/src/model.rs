@@ -2,7 +2,9 @@
 //! decisions the streams serve from it (`resolve`, `policy_for`). Documented in
 //! `docs/mesh-file.md`.
 
+pub mod gateway;
 pub mod ports;
+pub mod routes;
 
 use musubi_identity::{SpiffeId, TrustDomain};
 use musubi_proto::discovery::v1 as dpb;
@@ -45,6 +47,12 @@ pub struct MeshFile {
     pub services: Vec<ServiceFile>,
     #[serde(default)]
     pub workloads: Vec<WorkloadFile>,
+    /// Gateway API `HTTPRoute` / `GRPCRoute` objects with a Service as parent (GAMMA).
+    #[serde(default)]
+    pub routes: Vec<gateway::RouteFile>,
+    /// Musubi `FaultInjection` objects, used by routes through `ExtensionRef` filters.
+    #[serde(default)]
+    pub fault_injections: Vec<gateway::FaultInjectionFile>,
 }
 
 fn cluster_local() -> String {
@@ -137,6 +145,9 @@ pub struct MeshState {
     /// A workload's mode for ports without a policy of their own (Kubernetes `MeshTLS` for a
     /// service account); keyed by (namespace, service account).
     pub workload_mtls: BTreeMap<(String, String), Mtls>,
+    /// Consumer routes (GAMMA): keyed by (the clients' namespace, the Service's authority); for
+    /// those clients they replace the Service's own (producer) routes.
+    pub consumer_routes: BTreeMap<(String, String), Vec<dpb::Route>>,
     /// Whether everything policy is made of is known (Kubernetes: the `MeshTLS` and
     /// `AuthorizationPolicy` watches have listed; always for a mesh file). Until then policy
     /// streams answer nothing: a policy built without them could be wider than they say.
@@ -363,6 +374,12 @@ impl MeshFile {
                 },
             });
         }
+        let mut route_set = routes::build(&self.routes, &self.fault_injections, &services)?;
+        for s in &mut services {
+            if let Some(r) = route_set.producer.remove(&s.proto.authority) {
+                s.proto.routes = r;
+            }
+        }
         let mut warnings = Vec::new();
         let mut workloads = BTreeMap::new();
         for (i, w) in self.workloads.iter().enumerate() {
@@ -465,6 +482,7 @@ impl MeshFile {
             services,
             workloads,
             workload_mtls: BTreeMap::new(),
+            consumer_routes: route_set.consumer,
             policy_ready: true,
         };
         Ok((state, warnings))
@@ -504,6 +522,29 @@ pub(crate) fn declared_port(port: u16, mode: Mtls, protocol: ppb::PortProtocol) 
 
 /// What is behind `target` (`host:port` or `ip:port`), for a watcher in `context_namespace`.
 pub fn resolve(state: &MeshState, target: &str, context_namespace: &str) -> dpb::ServiceUpdate {
+    resolve_for(state, target, context_namespace, context_namespace)
+}
+
+/// Like [`resolve`], for a client whose verified identity is in `client_namespace`: consumer
+/// routes of that namespace replace the Service's own routes.
+pub fn resolve_for(
+    state: &MeshState,
+    target: &str,
+    context_namespace: &str,
+    client_namespace: &str,
+) -> dpb::ServiceUpdate {
+    let mut u = resolve_service(state, target, context_namespace);
+    if let Some(s) = u.service.as_mut()
+        && let Some(r) = state
+            .consumer_routes
+            .get(&(client_namespace.to_string(), s.authority.clone()))
+    {
+        s.routes = r.clone();
+    }
+    u
+}
+
+fn resolve_service(state: &MeshState, target: &str, context_namespace: &str) -> dpb::ServiceUpdate {
     let found = split_target(target).and_then(|(host, port)| {
         if let Ok(ip) = host.trim_matches(['[', ']']).parse::<IpAddr>() {
             return state.services.iter().find(|s| {

@@ -130,14 +130,16 @@ impl dpb::discovery_server::Discovery for Streams {
         }
         let who = client.0.clone();
         let slot = self.slots.acquire(kind, client)?;
+        // Consumer routes follow the verified identity's namespace, never a claimed one.
+        let client_ns = who.namespace().unwrap_or_default();
         let ns = if r.context_namespace.is_empty() {
-            who.namespace().unwrap_or_default()
+            client_ns.clone()
         } else {
             r.context_namespace
         };
         tracing::debug!(%who, target = %r.target, "discovery watch");
         Ok(Response::new(follow(self, slot, move |s, v| {
-            let mut u = model::resolve(s, &r.target, &ns);
+            let mut u = model::resolve_for(s, &r.target, &ns, &client_ns);
             u.version = v;
             Some(u)
         })))

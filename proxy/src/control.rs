@@ -270,6 +270,9 @@ async fn watch_destination(
                                     tx.send_replace(Some(Resolution::Unknown));
                                 }
                                 Ok(Some(d)) => {
+                                    for e in d.routes.errors.iter() {
+                                        tracing::warn!(%target, error = %e, "left out a route rule that does not compile; the others route");
+                                    }
                                     tx.send_replace(Some(Resolution::Meshed(Arc::new(d))));
                                 }
                                 Err(e) => {

@@ -53,6 +53,8 @@ pub struct Destination {
     pub protocol: Protocol,
     /// Ready endpoints only.
     pub endpoints: Vec<Endpoint>,
+    /// Empty: every request goes to `endpoints`.
+    pub routes: crate::route::Routes,
     pub version: u64,
 }
 
@@ -132,6 +134,7 @@ pub fn from_update(u: &pb::ServiceUpdate) -> Result<Option<Destination>, Destina
         authority: s.authority.clone(),
         protocol,
         endpoints,
+        routes: crate::route::Routes::from_pb(&s.routes),
         version: u.version,
     }))
 }

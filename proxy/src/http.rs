@@ -7,7 +7,12 @@ use http::{Response, StatusCode, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 
-pub type Body = BoxBody<Bytes, hyper::Error>;
+/// Any body error: hyper's, or the proxy's own (a route's timeout firing mid-body).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Every body the proxy passes on. Its error carries the proxy's own errors too, so a timeout
+/// that fires while a response streams ends that stream with a reason.
+pub type Body = BoxBody<Bytes, BoxError>;
 
 /// The verified client identity, added by the inbound proxy for the application. Any copy
 /// arriving from outside is removed first.
@@ -27,7 +32,7 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 }
 
 pub fn incoming(b: hyper::body::Incoming) -> Body {
-    b.boxed()
+    b.map_err(BoxError::from).boxed()
 }
 
 /// A request body with the headers only proxies may set removed from its trailers too (a
@@ -48,6 +53,7 @@ pub fn without_proxy_trailers(
         }
         Err(frame) => frame,
     })
+    .map_err(BoxError::from)
     .boxed()
 }
 

@@ -122,7 +122,13 @@ impl LocalHttp1 {
             done: false,
             back,
         };
-        Response::from_parts(parts, http_body_util::BodyExt::boxed(body))
+        Response::from_parts(
+            parts,
+            http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(
+                body,
+                crate::http::BoxError::from,
+            )),
+        )
     }
 }
 

@@ -203,3 +203,78 @@ pub async fn holding() -> (App, Hold) {
     });
     (App { addr, task }, Hold { arrived, release })
 }
+
+/// What a test sees of a [`named`] application: how many requests reached it, and the line it
+/// answered the last one with.
+#[derive(Clone, Default)]
+pub struct Seen {
+    pub hits: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub last: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Seen {
+    pub fn hits(&self) -> u64 {
+        self.hits.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn last(&self) -> String {
+        self.last.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+}
+
+/// An HTTP server (HTTP/1.1 and HTTP/2) that answers `app=<name> ` followed by [`http`]'s
+/// description and every `x-*` request header (`x-canary=true`), and whose `/sleep/<ms>` waits
+/// that long first: one side of a split, a mirror, a slow backend.
+pub async fn named(name: &'static str) -> (App, Seen) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Seen::default();
+    let s = seen.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let s = s.clone();
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let s = s.clone();
+                async move {
+                    s.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if let Some(ms) = req.uri().path().strip_prefix("/sleep/") {
+                        let ms: u64 = ms.parse().unwrap_or(0);
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
+                    let mut xs: Vec<String> = req
+                        .headers()
+                        .iter()
+                        .filter(|(n, _)| n.as_str().starts_with("x-"))
+                        .map(|(n, v)| format!("{n}={}", v.to_str().unwrap_or("?")))
+                        .collect();
+                    xs.sort();
+                    let described = describe(req).await?;
+                    let body = described.into_body().collect().await;
+                    let body = body.map(|b| b.to_bytes()).unwrap_or_default();
+                    let line = format!(
+                        "app={name} {} {}",
+                        String::from_utf8_lossy(&body),
+                        xs.join(" ")
+                    );
+                    if let Ok(mut last) = s.last.lock() {
+                        *last = line.clone();
+                    }
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .header("x-app", name)
+                            .body(Full::new(Bytes::from(line)))
+                            .unwrap_or_default(),
+                    )
+                }
+            });
+            tokio::spawn(async move {
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
+            });
+        }
+    });
+    (App { addr, task }, seen)
+}

@@ -10,6 +10,7 @@ pub mod envoy;
 pub mod grpc;
 pub mod mesh;
 pub mod netns;
+pub mod routing;
 
 use musubi_identity::client::{self, RemoteCertSource, TokenSource};
 use musubi_identity::renew::{RenewPolicy, Renewal};

@@ -66,6 +66,7 @@ pub fn destination_as(
             transport: Transport::Musubi,
             plaintext_allowed: false,
         }],
+        routes: Default::default(),
         version: 1,
     })
 }

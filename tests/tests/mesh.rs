@@ -229,6 +229,7 @@ async fn unmeshed_endpoints_are_reached_in_plaintext_only_where_allowed() {
                 transport: Transport::Musubi,
                 plaintext_allowed: allowed,
             }],
+            routes: Default::default(),
             version: 1,
         })
     };
@@ -556,6 +557,7 @@ async fn sigterm_drains_in_flight_requests_and_refuses_new_ones() {
                         transport: Transport::Musubi,
                         plaintext_allowed: false,
                     }],
+                    routes: Default::default(),
                     version: 1,
                 }),
             )]),

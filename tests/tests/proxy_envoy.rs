@@ -106,6 +106,7 @@ static_resources:
                 transport: Transport::H2Mtls,
                 plaintext_allowed: false,
             }],
+            routes: Default::default(),
             version: 1,
         })
     };

@@ -109,6 +109,7 @@ pub fn build(s: &Snapshot) -> Built {
         services,
         workloads,
         workload_mtls: modes.workload.clone(),
+        consumer_routes: Default::default(),
         policy_ready: s.mesh_tls.is_some() && s.authorization.is_some(),
     };
     Built {

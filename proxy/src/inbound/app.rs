@@ -12,7 +12,6 @@ use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
-use std::time::Instant;
 
 /// The caller on an inbound connection, with what every request on it needs computed once.
 pub struct Caller {
@@ -72,7 +71,6 @@ pub async fn to_app(
     caller: Arc<Caller>,
     port: u16,
 ) -> Response<Body> {
-    let started = Instant::now();
     let Some(policy) = ctx.policy() else {
         return error_response(StatusCode::SERVICE_UNAVAILABLE, "no inbound policy yet");
     };
@@ -83,13 +81,13 @@ pub async fn to_app(
         .map(|s| ctx.metrics.authorities.label(&s.canonical))
         .unwrap_or_else(|| ctx.metrics.authorities.other());
     let peer = &caller.peer;
-    let stats = RequestStats::new(
+    let stats = RequestStats::start(
+        &ctx.metrics,
         INBOUND,
         label,
         caller.label.clone(),
         matches!(peer, Peer::Mesh(_)),
     );
-    stats.count_request(&ctx.metrics);
     let decision = authorize(&policy, port, peer, &ctx.config.trust_domain);
     super::count_authz(&ctx, port, decision);
     if decision != Decision::Allow {
@@ -98,8 +96,7 @@ pub async fn to_app(
             StatusCode::FORBIDDEN,
             &format!("{} may not call port {port}", super::describe(peer)),
         );
-        stats.record(&ctx.metrics, started, &resp);
-        return resp;
+        return stats.respond_error(resp, "unauthorized");
     }
     let declared = ctx.protocol(&policy, port);
     drop(policy);
@@ -159,7 +156,7 @@ pub async fn to_app(
             Err(e) => Err(format!("bad request authority {authority:?}: {e}")),
         }
     };
-    let resp = match sent {
+    match sent {
         Ok(mut resp) => {
             if let Some(client_upgrade) = client_upgrade
                 && resp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -179,20 +176,18 @@ pub async fn to_app(
                     }
                     drop((guard, slot));
                 });
-                resp
+                stats.respond(resp)
             } else {
                 h::strip_hop_by_hop(resp.headers_mut());
                 *resp.version_mut() = client_version;
-                resp
+                stats.respond(resp)
             }
         }
         Err(e) => {
             ctx.metrics.refused(INBOUND, "app_unreachable");
-            error_response(StatusCode::BAD_GATEWAY, &e)
+            stats.respond_error(error_response(StatusCode::BAD_GATEWAY, &e), "unreachable")
         }
-    };
-    stats.record(&ctx.metrics, started, &resp);
-    resp
+    }
 }
 
 #[cfg(test)]

@@ -14,8 +14,55 @@ pub use filters::{
 };
 pub use matching::{Head, Match, MatchKey, PathMatch};
 
+use musubi_proto::discovery::v1 as pb;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// A service's compiled table, with the discovery rules it came from (two snapshots are equal
+/// when their rules are) and the rules it left out.
+#[derive(Debug, Clone, Default)]
+pub struct Routes {
+    pub table: Arc<RouteTable>,
+    pub errors: Arc<[RouteError]>,
+    source: Arc<[pb::Route]>,
+}
+
+impl Routes {
+    pub fn from_pb(routes: &[pb::Route]) -> Routes {
+        let (table, errors) = compile(routes);
+        Routes {
+            table: Arc::new(table),
+            errors: errors.into(),
+            source: routes.into(),
+        }
+    }
+}
+
+impl PartialEq for Routes {
+    fn eq(&self, other: &Routes) -> bool {
+        self.source == other.source
+    }
+}
+
+impl Eq for Routes {}
+
+/// For /debug/config: each rule as "<route> <rule>", and each rule left out with its reason.
+impl serde::Serialize for Routes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let rules: Vec<String> = self
+            .table
+            .rules
+            .iter()
+            .map(|r| format!("{} {}", r.route, r.rule))
+            .collect();
+        let refused: Vec<String> = self.errors.iter().map(|e| e.to_string()).collect();
+        let mut st = s.serialize_struct("Routes", 2)?;
+        st.serialize_field("rules", &rules)?;
+        st.serialize_field("refused", &refused)?;
+        st.end()
+    }
+}
 
 /// Every rule of a service's routes, with its matches ranked best first.
 #[derive(Debug, Clone, Default)]

@@ -10,7 +10,9 @@ use prometheus_client::registry::Registry;
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+
+mod request;
+pub use request::{RequestStats, RouteLabels, classify};
 
 pub const INBOUND: &str = "inbound";
 pub const OUTBOUND: &str = "outbound";
@@ -67,6 +69,9 @@ pub struct ResponseLabels {
     pub tls: &'static str,
     pub status_code: &'static str,
     pub classification: &'static str,
+    /// Why there is no response from the far side: empty when there is one; `reset` (the
+    /// peer reset the stream), `cancelled` (the client gave up first), `timeout`, `unreachable`.
+    pub error: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -74,6 +79,65 @@ pub struct LatencyLabels {
     pub direction: &'static str,
     pub authority: Label,
     pub classification: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteRequestLabels {
+    pub route: Label,
+    pub backend: Label,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteResponseLabels {
+    pub route: Label,
+    pub backend: Label,
+    pub status_code: &'static str,
+    pub classification: &'static str,
+    pub error: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLatencyLabels {
+    pub route: Label,
+    pub backend: Label,
+    pub classification: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteEventLabels {
+    pub route: Label,
+    /// timeouts: `request` or `backend_request`; faults: `delay` or `abort`; mirrors: `sent`,
+    /// `unavailable` (the mirror had no endpoint) or `cut` (it fell behind the primary's body).
+    pub kind: &'static str,
+}
+
+/// Per-route series (outbound). Route and backend names come from configuration; both are
+/// capped all the same ([`MAX_ROUTES`], [`MAX_AUTHORITIES`]).
+#[derive(Debug)]
+pub struct RouteFamilies {
+    pub requests: Family<RouteRequestLabels, Counter>,
+    pub responses: Family<RouteResponseLabels, Counter>,
+    pub latency: Family<RouteLatencyLabels, Histogram>,
+    pub timeouts: Family<RouteEventLabels, Counter>,
+    pub faults: Family<RouteEventLabels, Counter>,
+    pub mirrors: Family<RouteEventLabels, Counter>,
+    pub names: LabelCap,
+}
+
+impl RouteFamilies {
+    pub fn event(
+        &self,
+        family: &Family<RouteEventLabels, Counter>,
+        route: &Label,
+        kind: &'static str,
+    ) {
+        family
+            .get_or_create(&RouteEventLabels {
+                route: route.clone(),
+                kind,
+            })
+            .inc();
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -167,6 +231,7 @@ pub struct Metrics {
     pub authorities: LabelCap,
     /// Verified client identities (inbound): only mesh members hold one, but keep it bounded.
     pub peers: LabelCap,
+    pub route: RouteFamilies,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -183,6 +248,7 @@ pub struct EvictionLabels {
 /// Distinct values of the capped labels, per proxy (see docs/metrics.md for the worst case).
 pub const MAX_AUTHORITIES: usize = 256;
 pub const MAX_PEERS: usize = 512;
+pub const MAX_ROUTES: usize = 512;
 
 fn latency_histogram() -> Histogram {
     // 0.1 ms .. ~26 s
@@ -217,6 +283,15 @@ impl Metrics {
             removed_headers: Family::default(),
             authorities: LabelCap::new(MAX_AUTHORITIES),
             peers: LabelCap::new(MAX_PEERS),
+            route: RouteFamilies {
+                requests: Family::default(),
+                responses: Family::default(),
+                latency: Family::new_with_constructor(latency_histogram),
+                timeouts: Family::default(),
+                faults: Family::default(),
+                mirrors: Family::default(),
+                names: LabelCap::new(MAX_ROUTES),
+            },
         };
         let r = registry;
         r.register(
@@ -314,6 +389,37 @@ impl Metrics {
             "Headers only proxies may set, removed from what a client sent (a forged musubi-client-id, for one)",
             m.removed_headers.clone(),
         );
+        let rt = &m.route;
+        r.register(
+            "musubi_proxy_route_requests",
+            "Outbound HTTP requests a route matched, by route and the backend it chose",
+            rt.requests.clone(),
+        );
+        r.register(
+            "musubi_proxy_route_responses",
+            "Responses to routed requests, by route, backend, status code and classification",
+            rt.responses.clone(),
+        );
+        r.register(
+            "musubi_proxy_route_response_latency_seconds",
+            "Time from a routed request's arrival to its response headers",
+            rt.latency.clone(),
+        );
+        r.register(
+            "musubi_proxy_route_timeouts",
+            "Route timeouts that fired (kind: request, backend_request)",
+            rt.timeouts.clone(),
+        );
+        r.register(
+            "musubi_proxy_route_faults",
+            "Faults a route injected (kind: delay, abort)",
+            rt.faults.clone(),
+        );
+        r.register(
+            "musubi_proxy_route_mirrors",
+            "Requests a route mirrored (kind: sent, unavailable, cut)",
+            rt.mirrors.clone(),
+        );
         m
     }
 
@@ -333,69 +439,6 @@ impl Metrics {
         self.refused
             .get_or_create(&ReasonLabels { direction, reason })
             .inc();
-    }
-}
-
-/// The labels of one HTTP request's metrics, computed once per request.
-pub struct RequestStats {
-    direction: &'static str,
-    authority: Label,
-    peer: Label,
-    tls: &'static str,
-}
-
-impl RequestStats {
-    /// `authority` is already a bounded label (see [`Metrics::authorities`]); `peer` is the
-    /// other side's SPIFFE ID (empty when there is none).
-    pub fn new(direction: &'static str, authority: Label, peer: Label, tls: bool) -> Self {
-        RequestStats {
-            direction,
-            authority,
-            peer,
-            tls: if tls { "true" } else { "false" },
-        }
-    }
-
-    pub fn count_request(&self, metrics: &Metrics) {
-        metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                direction: self.direction,
-                authority: self.authority.clone(),
-                peer_identity: self.peer.clone(),
-                tls: self.tls,
-            })
-            .inc();
-    }
-
-    /// The response (by status and classification) and the latency since `started`.
-    pub fn record<B>(self, metrics: &Metrics, started: Instant, resp: &http::Response<B>) {
-        let status = resp.status().as_u16();
-        let classification = classify(
-            status,
-            resp.headers()
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok()),
-        );
-        metrics
-            .responses
-            .get_or_create(&ResponseLabels {
-                direction: self.direction,
-                authority: self.authority.clone(),
-                peer_identity: self.peer,
-                tls: self.tls,
-                status_code: status_label(status),
-                classification,
-            })
-            .inc();
-        metrics
-            .latency
-            .get_or_create(&LatencyLabels {
-                direction: self.direction,
-                authority: self.authority,
-                classification,
-            })
-            .observe(started.elapsed().as_secs_f64());
     }
 }
 
@@ -424,27 +467,9 @@ pub fn status_label(status: u16) -> &'static str {
     }
 }
 
-/// `success` for anything but a 5xx or a gRPC error status.
-pub fn classify(status: u16, grpc_status: Option<&str>) -> &'static str {
-    match grpc_status {
-        Some(s) if s != "0" => "failure",
-        _ if status >= 500 => "failure",
-        _ => "success",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn classification_table() {
-        assert_eq!(classify(200, None), "success");
-        assert_eq!(classify(404, None), "success");
-        assert_eq!(classify(503, None), "failure");
-        assert_eq!(classify(200, Some("0")), "success");
-        assert_eq!(classify(200, Some("14")), "failure");
-    }
 
     #[test]
     fn status_labels_are_bounded() {

@@ -19,9 +19,11 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+
+mod routed;
+mod tee;
 
 /// Accepts until draining starts.
 pub async fn serve(ctx: Arc<Ctx>, listener: Listener) {
@@ -153,7 +155,7 @@ where
 
 /// An endpoint without identity is reached in plaintext only where its namespace allows it
 /// (PERMISSIVE); under STRICT nothing meshed leaves in plaintext. Counts a refusal.
-fn plaintext_allowed(ctx: &Ctx, ep: &Endpoint, authority: &str) -> bool {
+pub(crate) fn plaintext_allowed(ctx: &Ctx, ep: &Endpoint, authority: &str) -> bool {
     if !ep.plaintext_allowed {
         ctx.metrics.refused(OUTBOUND, "not_meshed");
         tracing::info!(endpoint = %ep.connect, %authority, "refused: the endpoint is not meshed and its namespace is STRICT");
@@ -161,7 +163,7 @@ fn plaintext_allowed(ctx: &Ctx, ep: &Endpoint, authority: &str) -> bool {
     ep.plaintext_allowed
 }
 
-fn not_meshed(ep: &Endpoint, dest: &Destination) -> Response<Body> {
+pub(crate) fn not_meshed(ep: &Endpoint, dest: &Destination) -> Response<Body> {
     error_response(
         StatusCode::BAD_GATEWAY,
         &format!(
@@ -246,7 +248,10 @@ async fn handle(
     match resolution {
         Resolution::Unknown => {
             let connect_to = target.unwrap_or_else(|| authority.clone());
-            passthrough(ctx, req, authority, connect_to).await
+            passthrough(ctx, req.map(h::incoming), authority, connect_to).await
+        }
+        Resolution::Meshed(dest) if !dest.routes.table.is_empty() => {
+            routed::serve(ctx, req, dest, authority, slot).await
         }
         Resolution::Meshed(dest) => {
             let Some(ep) = pick(&dest) else {
@@ -261,10 +266,11 @@ async fn handle(
                 if !plaintext_allowed(&ctx, &ep, &dest.authority) {
                     return not_meshed(&ep, &dest);
                 }
-                return passthrough(ctx, req, authority, ep.connect.to_string()).await;
+                let to = ep.connect.to_string();
+                return passthrough(ctx, req.map(h::incoming), authority, to).await;
             }
             if h::is_upgrade(&req) {
-                upgrade(ctx, req, &dest, &ep, authority, slot).await
+                upgrade(ctx, req.map(h::incoming), &dest, &ep, authority, slot).await
             } else {
                 forward(ctx, req, &dest, &ep, authority).await
             }
@@ -273,7 +279,7 @@ async fn handle(
 }
 
 /// The endpoint's identity as a metric label (empty outside the mesh).
-fn peer_label(ep: &Endpoint) -> Label {
+pub(crate) fn peer_label(ep: &Endpoint) -> Label {
     ep.identity
         .as_ref()
         .map(|i| Label::from(i.shared()))
@@ -281,11 +287,11 @@ fn peer_label(ep: &Endpoint) -> Label {
 }
 
 /// The metric label of a mesh service: its canonical authority (bounded by the cap).
-fn service_label(ctx: &Ctx, dest: &Destination) -> Label {
+pub(crate) fn service_label(ctx: &Ctx, dest: &Destination) -> Label {
     ctx.metrics.authorities.label(&dest.authority)
 }
 
-/// Sends a request over the pooled HTTP/2 mTLS connection to the endpoint's proxy.
+/// Sends a request of a service without routes to the endpoint it picked.
 async fn forward(
     ctx: Arc<Ctx>,
     req: Request<Incoming>,
@@ -293,9 +299,35 @@ async fn forward(
     ep: &Endpoint,
     authority: String,
 ) -> Response<Body> {
-    let started = Instant::now();
-    let stats = RequestStats::new(OUTBOUND, service_label(&ctx, dest), peer_label(ep), true);
-    stats.count_request(&ctx.metrics);
+    let stats = RequestStats::start(
+        &ctx.metrics,
+        OUTBOUND,
+        service_label(&ctx, dest),
+        peer_label(ep),
+        true,
+    );
+    match send(&ctx, req.map(h::incoming), ep, &authority).await {
+        Ok(resp) => stats.respond(resp),
+        Err(failed) => stats.respond_error(failed.resp, failed.error),
+    }
+}
+
+/// The proxy's answer when a request got no response from the far side, with why (the
+/// `error` metric label).
+pub(crate) struct Failed {
+    pub resp: Response<Body>,
+    pub error: &'static str,
+}
+
+/// One request to an endpoint's proxy over the pooled HTTP/2 mTLS connection: sent as the far
+/// proxy wants it (`:authority` = `authority`, the application's HTTP version in
+/// `musubi-orig-proto`), answered as the application wants it.
+pub(crate) async fn send(
+    ctx: &Ctx,
+    req: Request<Body>,
+    ep: &Endpoint,
+    authority: &str,
+) -> Result<Response<Body>, Failed> {
     let (mut parts, body) = req.into_parts();
     let app_version = parts.version;
     if app_version != Version::HTTP_2
@@ -307,31 +339,31 @@ async fn forward(
     h::strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(http::header::HOST);
     parts.version = Version::HTTP_2;
-    parts.uri = match h::absolute_uri(&parts.uri, &authority) {
-        Ok(u) => u,
-        Err(e) => {
-            return error_response(StatusCode::BAD_REQUEST, &format!("bad request target: {e}"));
+    parts.uri = h::absolute_uri(&parts.uri, authority).map_err(|e| Failed {
+        resp: error_response(StatusCode::BAD_REQUEST, &format!("bad request target: {e}")),
+        error: "bad_request",
+    })?;
+    let req = Request::from_parts(parts, body);
+    let mut sender = ctx.pool.sender(ep, authority).await.map_err(|e| {
+        ctx.metrics.refused(OUTBOUND, e.label());
+        tracing::warn!(%authority, endpoint = %ep.connect, error = %e, "cannot reach endpoint");
+        Failed {
+            resp: error_response(StatusCode::BAD_GATEWAY, &e.to_string()),
+            error: "unreachable",
         }
-    };
-    let req = Request::from_parts(parts, h::incoming(body));
-    let resp = match ctx.pool.sender(ep, &authority).await {
-        Err(e) => {
-            ctx.metrics.refused(OUTBOUND, e.label());
-            tracing::warn!(%authority, endpoint = %ep.connect, error = %e, "cannot reach endpoint");
-            error_response(StatusCode::BAD_GATEWAY, &e.to_string())
+    })?;
+    match sender.send_request(req).await {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            h::strip_hop_by_hop(&mut parts.headers);
+            parts.version = app_version;
+            Ok(Response::from_parts(parts, h::incoming(body)))
         }
-        Ok(mut sender) => match sender.send_request(req).await {
-            Ok(resp) => {
-                let (mut parts, body) = resp.into_parts();
-                h::strip_hop_by_hop(&mut parts.headers);
-                parts.version = app_version;
-                Response::from_parts(parts, h::incoming(body))
-            }
-            Err(e) => error_response(StatusCode::BAD_GATEWAY, &format!("peer proxy: {e}")),
-        },
-    };
-    stats.record(&ctx.metrics, started, &resp);
-    resp
+        Err(e) => Err(Failed {
+            resp: error_response(StatusCode::BAD_GATEWAY, &format!("peer proxy: {e}")),
+            error: "reset",
+        }),
+    }
 }
 
 /// Copies an upgraded connection both ways; the tunnel holds its connection's slot and a
@@ -375,17 +407,21 @@ enum TunnelEnd {
 
 /// HTTP/1.1 `Upgrade` (websockets): a dedicated mTLS connection carrying HTTP/1.1, upgraded
 /// on both sides once the far application agrees.
-async fn upgrade(
+pub(crate) async fn upgrade(
     ctx: Arc<Ctx>,
-    mut req: Request<Incoming>,
+    mut req: Request<Body>,
     dest: &Destination,
     ep: &Endpoint,
     authority: String,
     slot: Slot,
 ) -> Response<Body> {
-    let started = Instant::now();
-    let stats = RequestStats::new(OUTBOUND, service_label(&ctx, dest), peer_label(ep), true);
-    stats.count_request(&ctx.metrics);
+    let stats = RequestStats::start(
+        &ctx.metrics,
+        OUTBOUND,
+        service_label(&ctx, dest),
+        peer_label(ep),
+        true,
+    );
     let header = Header {
         port: ep.app_port,
         protocol: Protocol::Http1,
@@ -393,12 +429,18 @@ async fn upgrade(
     };
     let tls = match ctx.connector.connect(ep, &header).await {
         Ok(t) => t,
-        Err(e) => return error_response(StatusCode::BAD_GATEWAY, &e.to_string()),
+        Err(e) => {
+            let resp = error_response(StatusCode::BAD_GATEWAY, &e.to_string());
+            return stats.respond_error(resp, "unreachable");
+        }
     };
     let (mut sender, conn) =
         match hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(tls)).await {
             Ok(x) => x,
-            Err(e) => return error_response(StatusCode::BAD_GATEWAY, &format!("peer proxy: {e}")),
+            Err(e) => {
+                let resp = error_response(StatusCode::BAD_GATEWAY, &format!("peer proxy: {e}"));
+                return stats.respond_error(resp, "unreachable");
+            }
         };
     tokio::spawn(conn.with_upgrades());
     let client_upgrade = hyper::upgrade::on(&mut req);
@@ -414,22 +456,19 @@ async fn upgrade(
     {
         parts.headers.insert(http::header::HOST, v);
     }
-    let mut resp = match sender
-        .send_request(Request::from_parts(parts, h::incoming(body)))
-        .await
-    {
+    let mut resp = match sender.send_request(Request::from_parts(parts, body)).await {
         Ok(r) => r,
-        Err(e) => return error_response(StatusCode::BAD_GATEWAY, &format!("peer proxy: {e}")),
+        Err(e) => {
+            let resp = error_response(StatusCode::BAD_GATEWAY, &format!("peer proxy: {e}"));
+            return stats.respond_error(resp, "reset");
+        }
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let server_upgrade = hyper::upgrade::on(&mut resp);
         let far = async move { server_upgrade.await.ok().map(TunnelEnd::Upgraded) };
         spawn_tunnel(ctx.clone(), slot, client_upgrade, far, None);
     }
-    let (parts, body) = resp.into_parts();
-    let resp = Response::from_parts(parts, h::incoming(body));
-    stats.record(&ctx.metrics, started, &resp);
-    resp
+    stats.respond(resp.map(h::incoming))
 }
 
 /// Resolves and vets a destination outside the mesh: this proxy's own listeners are loops.
@@ -447,28 +486,26 @@ async fn vet(ctx: &Ctx, authority: &str) -> Result<SocketAddr, Response<Body>> {
 }
 
 /// A destination outside the mesh: plain HTTP/1.1 to it, as the application asked.
-async fn passthrough(
+pub(crate) async fn passthrough(
     ctx: Arc<Ctx>,
-    req: Request<Incoming>,
+    req: Request<Body>,
     authority: String,
     connect_to: String,
 ) -> Response<Body> {
-    let started = Instant::now();
-    let stats = RequestStats::new(
+    let stats = RequestStats::start(
+        &ctx.metrics,
         OUTBOUND,
         ctx.metrics.authorities.other(),
         Label::empty(),
         false,
     );
-    stats.count_request(&ctx.metrics);
     let resp = passthrough_inner(&ctx, req, &authority, &connect_to).await;
-    stats.record(&ctx.metrics, started, &resp);
-    resp
+    stats.respond(resp)
 }
 
 async fn passthrough_inner(
     ctx: &Ctx,
-    req: Request<Incoming>,
+    req: Request<Body>,
     authority: &str,
     connect_to: &str,
 ) -> Response<Body> {
@@ -502,11 +539,7 @@ async fn passthrough_inner(
     };
     let app_version = parts.version;
     parts.version = Version::HTTP_11;
-    match ctx
-        .http1
-        .request(Request::from_parts(parts, h::incoming(body)))
-        .await
-    {
+    match ctx.http1.request(Request::from_parts(parts, body)).await {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             h::strip_hop_by_hop(&mut parts.headers);
