@@ -118,10 +118,44 @@ pub async fn run(client: &kube::Client, ns: &str, now: SystemTime) -> Vec<Findin
     for name in [
         "meshtls.policy.musubi.io",
         "authorizationpolicies.policy.musubi.io",
+        "faultinjections.policy.musubi.io",
     ] {
         out.push(match crds.get_opt(name).await {
             Ok(Some(_)) => finding(Level::Ok, format!("CRD {name}"), "installed"),
             Ok(None) => finding(Level::Fail, format!("CRD {name}"), "not installed"),
+            Err(e) => finding(Level::Fail, format!("CRD {name}"), e.to_string()),
+        });
+    }
+    // Gateway API's routes: optional (without them services are not routed), so a warning.
+    for name in [
+        "httproutes.gateway.networking.k8s.io",
+        "grpcroutes.gateway.networking.k8s.io",
+    ] {
+        out.push(match crds.get_opt(name).await {
+            Ok(Some(crd)) => {
+                let annotation = |k: &str| {
+                    crd.metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(k))
+                        .cloned()
+                        .unwrap_or_else(|| "?".into())
+                };
+                finding(
+                    Level::Ok,
+                    format!("CRD {name}"),
+                    format!(
+                        "installed (Gateway API {}, {} channel)",
+                        annotation("gateway.networking.k8s.io/bundle-version"),
+                        annotation("gateway.networking.k8s.io/channel")
+                    ),
+                )
+            }
+            Ok(None) => finding(
+                Level::Warn,
+                format!("CRD {name}"),
+                "not installed: routes are not available (install Gateway API v1.6 standard, or the chart with gatewayAPI.installCRDs=true)",
+            ),
             Err(e) => finding(Level::Fail, format!("CRD {name}"), e.to_string()),
         });
     }

@@ -41,6 +41,40 @@ fn protocol(p: &str) -> &'static str {
     }
 }
 
+/// The routes and faults of an `up` file for the mesh file: each in `namespace` unless it
+/// names one.
+pub fn routes_yaml(
+    namespace: &str,
+    routes: &[serde_yaml::Value],
+    faults: &[serde_yaml::Value],
+) -> String {
+    let in_ns = |items: &[serde_yaml::Value]| -> Vec<serde_yaml::Value> {
+        items
+            .iter()
+            .cloned()
+            .map(|mut v| {
+                if let Some(m) = v.as_mapping_mut()
+                    && !m.contains_key("namespace")
+                {
+                    m.insert("namespace".into(), namespace.into());
+                }
+                v
+            })
+            .collect()
+    };
+    let mut top = serde_yaml::Mapping::new();
+    if !routes.is_empty() {
+        top.insert("routes".into(), in_ns(routes).into());
+    }
+    if !faults.is_empty() {
+        top.insert("faultInjections".into(), in_ns(faults).into());
+    }
+    if top.is_empty() {
+        return String::new();
+    }
+    serde_yaml::to_string(&top).unwrap_or_default()
+}
+
 /// The controller's mesh file for these placements (a pure function of its inputs).
 pub fn mesh_yaml(namespace: &str, placements: &[Placement]) -> String {
     let mut y = String::from(
@@ -95,9 +129,13 @@ pub async fn start(
     tokens: &Arc<LocalIssuer>,
     namespace: &str,
     placements: &[Placement],
+    routes: &str,
 ) -> Result<Controller> {
     let config_path = state.join("mesh.yaml");
-    std::fs::write(&config_path, mesh_yaml(namespace, placements))?;
+    std::fs::write(
+        &config_path,
+        format!("{}{routes}", mesh_yaml(namespace, placements)),
+    )?;
     let source = FileSource::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let id = SpiffeId::workload(bundle.trust_domain(), "musubi", "musubi-controller")?;
     let store = CredentialStore::new();

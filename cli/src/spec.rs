@@ -9,6 +9,12 @@ pub struct UpFile {
     #[serde(default = "default_namespace")]
     pub namespace: String,
     pub services: Vec<UpService>,
+    /// Gateway API-shaped routes and Musubi FaultInjections, as in the controller's mesh file
+    /// (docs/mesh-file.md); `namespace` defaults to the file's. Passed to the controller as is.
+    #[serde(default)]
+    pub routes: Vec<serde_yaml::Value>,
+    #[serde(default)]
+    pub fault_injections: Vec<serde_yaml::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -116,6 +122,8 @@ pub fn demo(exe: &str) -> UpFile {
         allow,
     };
     UpFile {
+        routes: vec![],
+        fault_injections: vec![],
         namespace: "demo".into(),
         services: vec![
             svc("web", "web", 80, "http", true, None),

@@ -253,6 +253,7 @@ pub async fn start(file: UpFile, state: &Path, lifetimes: Lifetimes) -> Result<M
         &tokens,
         &file.namespace,
         &placements,
+        &crate::control_plane::routes_yaml(&file.namespace, &file.routes, &file.fault_injections),
     )
     .await?;
 
@@ -450,12 +451,13 @@ pub async fn up(a: UpArgs) -> Result<()> {
     }
     for p in &mesh.placements {
         println!(
-            "  {:<12} app 127.0.0.1:{:<5}  proxy metrics http://127.0.0.1:{}/metrics  as spiffe://cluster.local/ns/{}/sa/{}",
+            "  {:<12} app 127.0.0.1:{:<5}  proxy metrics http://127.0.0.1:{}/metrics  as spiffe://cluster.local/ns/{}/sa/{}  (HTTP_PROXY 127.0.0.1:{})",
             p.svc.name,
             p.app_port,
             p.admin,
             mesh.namespace,
-            p.svc.service_account()
+            p.svc.service_account(),
+            p.outbound
         );
     }
     println!(

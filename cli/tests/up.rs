@@ -545,3 +545,77 @@ fn lifetimes_below_the_minimum_are_refused() {
         assert!(err.contains(flag) && err.contains("too short"), "{err}");
     }
 }
+
+/// The routing example for `up` (examples/routing/up.yaml): 10,000 requests from web's side
+/// through its outbound proxy, 10 % of them answered by the canary (within five standard
+/// deviations of a binomial sample of that size).
+#[test]
+fn the_routing_example_splits_90_10() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let state = tempfile::tempdir().unwrap();
+    let example = std::fs::read_to_string(root.join("examples/routing/up.yaml")).unwrap();
+    let echo = root.join("examples/routing/echo.py");
+    let file = state.path().join("up.yaml");
+    std::fs::write(
+        &file,
+        example.replace("examples/routing/echo.py", echo.to_str().unwrap()),
+    )
+    .unwrap();
+    let up = up(&["-f", file.to_str().unwrap()], state.path());
+    let outbound = up
+        .lines
+        .iter()
+        .find(|l| l.trim_start().starts_with("web "))
+        .and_then(|l| l.split("HTTP_PROXY ").nth(1))
+        .map(|s| s.trim_end_matches(')').to_string())
+        .unwrap_or_else(|| panic!("no outbound for web in {:#?}", up.lines));
+    const N: usize = 10_000;
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let outbound = outbound.clone();
+            std::thread::spawn(move || {
+                // One keep-alive connection per thread; responses carry content-length.
+                let tcp = std::net::TcpStream::connect(&outbound).unwrap();
+                tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut w = tcp.try_clone().unwrap();
+                let mut r = BufReader::new(tcp);
+                let mut canary = 0;
+                for _ in 0..N / 4 {
+                    write!(w, "GET http://order-server.k1s0-service/ HTTP/1.1\r\nHost: order-server.k1s0-service\r\n\r\n").unwrap();
+                    let mut len = 0;
+                    let mut status = String::new();
+                    r.read_line(&mut status).unwrap();
+                    assert!(status.contains(" 200 "), "{status}");
+                    loop {
+                        let mut h = String::new();
+                        r.read_line(&mut h).unwrap();
+                        if h == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap();
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    r.read_exact(&mut body).unwrap();
+                    if body.starts_with(b"canary") {
+                        canary += 1;
+                    }
+                }
+                canary
+            })
+        })
+        .collect();
+    let canary: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    let (p, n) = (0.10, N as f64);
+    let tolerance = 5.0 * (p * (1.0 - p) / n).sqrt();
+    let share = canary as f64 / n;
+    assert!(
+        (share - p).abs() <= tolerance,
+        "canary answered {canary} of {N}: {:.2} % (expected 10 % ± {:.2} %)",
+        share * 100.0,
+        tolerance * 100.0
+    );
+    up.stop();
+}

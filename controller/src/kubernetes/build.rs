@@ -4,6 +4,7 @@
 //! made of each policy object comes out as a [`Verdict`] for its status.
 
 mod policy;
+pub mod routes;
 
 use super::crd::{Object, Verdict};
 use crate::model::ports::{self, Claims};
@@ -39,6 +40,10 @@ pub struct Snapshot {
     /// `None` until the watch has listed (the CRD may not be installed, or not readable).
     pub mesh_tls: Option<Vec<Object>>,
     pub authorization: Option<Vec<Object>>,
+    /// Gateway API routes and Musubi faults; `None` until listed (or not installed).
+    pub http_routes: Option<Vec<Object>>,
+    pub grpc_routes: Option<Vec<Object>>,
+    pub faults: Option<Vec<Object>>,
 }
 
 /// What a snapshot makes: the state, a line for each problem (for the log), and a verdict for
@@ -48,6 +53,7 @@ pub struct Built {
     pub state: MeshState,
     pub problems: Vec<String>,
     pub verdicts: Vec<Verdict>,
+    pub route_verdicts: Vec<routes::RouteVerdict>,
 }
 
 pub fn build(s: &Snapshot) -> Built {
@@ -101,6 +107,19 @@ pub fn build(s: &Snapshot) -> Built {
         |ns, sa, port| pod_claims(&infos, ns, sa, port),
         &mut problems,
     );
+    let (mut route_set, route_verdicts) = routes::build(
+        s.http_routes.as_deref(),
+        s.grpc_routes.as_deref(),
+        s.faults.as_deref(),
+        &services,
+        &mut verdicts,
+        &mut problems,
+    );
+    for svc in &mut services {
+        if let Some(r) = route_set.producer.remove(&svc.proto.authority) {
+            svc.proto.routes = r;
+        }
+    }
     let state = MeshState {
         trust_domain: td.to_string(),
         cluster_domain: s.cluster_domain.clone(),
@@ -109,13 +128,14 @@ pub fn build(s: &Snapshot) -> Built {
         services,
         workloads,
         workload_mtls: modes.workload.clone(),
-        consumer_routes: Default::default(),
+        consumer_routes: route_set.consumer,
         policy_ready: s.mesh_tls.is_some() && s.authorization.is_some(),
     };
     Built {
         state,
         problems,
         verdicts,
+        route_verdicts,
     }
 }
 

@@ -50,6 +50,8 @@ pub struct Object {
     pub namespace: String,
     pub name: String,
     pub generation: Option<i64>,
+    /// `metadata.creationTimestamp` (RFC 3339): routes rank oldest first.
+    pub created: Option<String>,
     pub spec: serde_json::Value,
 }
 
@@ -57,6 +59,7 @@ pub struct Object {
 pub enum Kind {
     MeshTls,
     AuthorizationPolicy,
+    FaultInjection,
 }
 
 impl Kind {
@@ -64,6 +67,7 @@ impl Kind {
         match self {
             Kind::MeshTls => "MeshTLS",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::FaultInjection => "FaultInjection",
         }
     }
 
@@ -71,6 +75,7 @@ impl Kind {
         match self {
             Kind::MeshTls => "meshtls",
             Kind::AuthorizationPolicy => "authorizationpolicies",
+            Kind::FaultInjection => "faultinjections",
         }
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod build;
 pub mod crd;
+pub mod route_status;
 pub mod status;
 
 use crate::DiscoverySource;
@@ -117,6 +118,11 @@ fn objects(listed: &AtomicBool, store: &Store<DynamicObject>) -> Option<Vec<Obje
             namespace: o.metadata.namespace.clone().unwrap_or_default(),
             name: o.metadata.name.clone().unwrap_or_default(),
             generation: o.metadata.generation,
+            created: o
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.to_string()),
             spec: o.data.get("spec").cloned().unwrap_or_default(),
         })
         .collect();
@@ -133,6 +139,12 @@ struct Stores {
     authorization: Store<DynamicObject>,
     mesh_tls_listed: Arc<AtomicBool>,
     authorization_listed: Arc<AtomicBool>,
+    http_routes: Store<DynamicObject>,
+    grpc_routes: Store<DynamicObject>,
+    faults: Store<DynamicObject>,
+    http_routes_listed: Arc<AtomicBool>,
+    grpc_routes_listed: Arc<AtomicBool>,
+    faults_listed: Arc<AtomicBool>,
 }
 
 impl KubeSource {
@@ -152,6 +164,12 @@ impl KubeSource {
         );
         let w_mtls = reflector::store::Writer::new(mtls_ar.clone());
         let w_authz = reflector::store::Writer::new(authz_ar.clone());
+        let faults_ar = crd_resource(Kind::FaultInjection.name(), Kind::FaultInjection.plural());
+        let http_ar = route_status::resource(crate::model::gateway::RouteKind::Http);
+        let grpc_ar = route_status::resource(crate::model::gateway::RouteKind::Grpc);
+        let w_faults = reflector::store::Writer::new(faults_ar.clone());
+        let w_http = reflector::store::Writer::new(http_ar.clone());
+        let w_grpc = reflector::store::Writer::new(grpc_ar.clone());
         let stores = Stores {
             namespaces,
             services,
@@ -161,6 +179,12 @@ impl KubeSource {
             authorization: w_authz.as_reader(),
             mesh_tls_listed: Arc::default(),
             authorization_listed: Arc::default(),
+            http_routes: w_http.as_reader(),
+            grpc_routes: w_grpc.as_reader(),
+            faults: w_faults.as_reader(),
+            http_routes_listed: Arc::default(),
+            grpc_routes_listed: Arc::default(),
+            faults_listed: Arc::default(),
         };
         let mut tasks = vec![
             spawn_watch(
@@ -205,6 +229,29 @@ impl KubeSource {
                 changed.clone(),
                 stores.authorization_listed.clone(),
             ),
+            // Routes and faults: without their CRDs these watches keep retrying, and
+            // services are served without routes meanwhile.
+            spawn_watch(
+                Api::all_with(c.clone(), &faults_ar),
+                w_faults,
+                Kind::FaultInjection.plural(),
+                changed.clone(),
+                stores.faults_listed.clone(),
+            ),
+            spawn_watch(
+                Api::all_with(c.clone(), &http_ar),
+                w_http,
+                "httproutes",
+                changed.clone(),
+                stores.http_routes_listed.clone(),
+            ),
+            spawn_watch(
+                Api::all_with(c.clone(), &grpc_ar),
+                w_grpc,
+                "grpcroutes",
+                changed.clone(),
+                stores.grpc_routes_listed.clone(),
+            ),
         ];
         let synced = async {
             let _ = stores.namespaces.wait_until_ready().await;
@@ -225,13 +272,21 @@ impl KubeSource {
         let first = rebuild(&cfg, &stores, &mut log);
         let (tx, _) = watch::channel(Arc::new(first.state));
         let (verdicts_tx, verdicts_rx) = watch::channel(Arc::new(first.verdicts));
+        let (routes_tx, routes_rx) = watch::channel(Arc::new(first.route_verdicts));
         tasks.push(status::spawn_writer(
             cfg.client.clone(),
             status::Objects {
                 mesh_tls: (mtls_ar, stores.mesh_tls.clone()),
                 authorization: (authz_ar, stores.authorization.clone()),
+                faults: (faults_ar, stores.faults.clone()),
             },
             verdicts_rx,
+        ));
+        tasks.push(route_status::spawn_writer(
+            cfg.client.clone(),
+            stores.http_routes.clone(),
+            stores.grpc_routes.clone(),
+            routes_rx,
         ));
         let publisher = tx.clone();
         let waiting_rx = tx.subscribe();
@@ -259,6 +314,15 @@ impl KubeSource {
                         false
                     } else {
                         *current = Arc::new(verdicts);
+                        true
+                    }
+                });
+                let routes = built.route_verdicts;
+                routes_tx.send_if_modified(|current| {
+                    if **current == routes {
+                        false
+                    } else {
+                        *current = Arc::new(routes);
                         true
                     }
                 });
@@ -339,6 +403,9 @@ fn rebuild(cfg: &KubeSourceConfig, stores: &Stores, log: &mut ProblemLog) -> bui
         pods: stores.pods.state(),
         mesh_tls: objects(&stores.mesh_tls_listed, &stores.mesh_tls),
         authorization: objects(&stores.authorization_listed, &stores.authorization),
+        http_routes: objects(&stores.http_routes_listed, &stores.http_routes),
+        grpc_routes: objects(&stores.grpc_routes_listed, &stores.grpc_routes),
+        faults: objects(&stores.faults_listed, &stores.faults),
     };
     let mut built = build::build(&snapshot);
     log.report(std::mem::take(&mut built.problems));

@@ -100,6 +100,7 @@ pub fn status_patch(obj: &DynamicObject, v: &Verdict, now: &str) -> Option<Value
 pub(super) struct Objects {
     pub mesh_tls: (ApiResource, Store<DynamicObject>),
     pub authorization: (ApiResource, Store<DynamicObject>),
+    pub faults: (ApiResource, Store<DynamicObject>),
 }
 
 impl Objects {
@@ -107,6 +108,7 @@ impl Objects {
         match kind {
             Kind::MeshTls => &self.mesh_tls,
             Kind::AuthorizationPolicy => &self.authorization,
+            Kind::FaultInjection => &self.faults,
         }
     }
 }

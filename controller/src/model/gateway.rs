@@ -42,6 +42,9 @@ pub struct ParentRef {
     /// Absent: every port of the Service.
     #[serde(default)]
     pub port: Option<u16>,
+    /// Not supported for a Service parent (name the `port` instead).
+    #[serde(default)]
+    pub section_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -131,6 +134,9 @@ pub struct FilterSpec {
     pub request_mirror: Option<MirrorSpec>,
     #[serde(default)]
     pub extension_ref: Option<ExtensionRef>,
+    /// Read so that a `CORS` filter is refused by its type, with a clear reason.
+    #[serde(default)]
+    pub cors: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -254,7 +260,7 @@ pub struct Timeouts {
     pub backend_request: Option<String>,
 }
 
-/// Musubi's `FaultInjection` (group `musubi.io`): what an `ExtensionRef` filter points at.
+/// Musubi's `FaultInjection` (group `policy.musubi.io`): what an `ExtensionRef` filter points at.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct FaultInjectionFile {

@@ -33,6 +33,10 @@ pub struct RouteSet {
 struct Mesh<'a> {
     services: &'a [Service],
     faults: &'a [FaultInjectionFile],
+    /// Kubernetes: a backend that does not resolve marks its share (500) instead of refusing
+    /// the route, and is noted in `unresolved`; the mesh file refuses it.
+    soft: bool,
+    unresolved: std::cell::RefCell<Vec<(&'static str, String)>>,
 }
 
 impl Mesh<'_> {
@@ -46,13 +50,52 @@ impl Mesh<'_> {
     }
 }
 
+/// A condition of a route's status for one parent (Gateway API `Accepted`, `ResolvedRefs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    pub ok: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Condition {
+    fn yes(reason: &'static str, message: impl Into<String>) -> Condition {
+        Condition {
+            ok: true,
+            reason,
+            message: message.into(),
+        }
+    }
+
+    fn no(reason: &'static str, message: impl Into<String>) -> Condition {
+        Condition {
+            ok: false,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// What became of one route for one of its `parentRefs` (index into them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentStatus {
+    pub parent: usize,
+    pub accepted: Condition,
+    pub resolved_refs: Condition,
+}
+
+/// Routes from the mesh file: the first problem refuses the whole file.
 pub fn build(
     routes: &[RouteFile],
     faults: &[FaultInjectionFile],
     services: &[Service],
 ) -> Result<RouteSet, Invalid> {
-    let mesh = Mesh { services, faults };
-    let mut set = RouteSet::default();
+    let mesh = Mesh {
+        services,
+        faults,
+        soft: false,
+        unresolved: Default::default(),
+    };
     for (i, f) in faults.iter().enumerate() {
         fault(
             &f.spec,
@@ -61,63 +104,161 @@ pub fn build(
             true,
         )?;
     }
+    let mut set = RouteSet::default();
     for (i, r) in routes.iter().enumerate() {
-        let path = format!("routes[{i}]");
         if routes[..i]
             .iter()
             .any(|o| o.name == r.name && o.namespace == r.namespace && o.kind == r.kind)
         {
             return Err(invalid(
-                path,
+                format!("routes[{i}]"),
                 "duplicate route (same kind, name and namespace)",
                 r.name.clone(),
             ));
         }
-        if r.parent_refs.is_empty() {
-            return Err(invalid(
-                path,
-                "a route needs a Service in parentRefs",
-                r.name.clone(),
-            ));
-        }
-        for (j, p) in r.parent_refs.iter().enumerate() {
-            let pp = format!("{path}.parentRefs[{j}]");
-            if p.kind.as_deref().is_some_and(|k| k != "Service")
-                || p.group
-                    .as_deref()
-                    .is_some_and(|g| !g.is_empty() && g != "core")
-            {
-                return Err(invalid(
-                    pp,
-                    "only a Service (group \"\", kind Service) can be a parent in the mesh",
-                    p.name.clone(),
-                ));
-            }
-            let ns = p.namespace.as_deref().unwrap_or(&r.namespace);
-            let parents = mesh.service(&p.name, ns, p.port);
-            if parents.is_empty() {
-                let port = p.port.map(|p| format!(" port {p}")).unwrap_or_default();
-                return Err(invalid(
-                    pp,
-                    format!("no service {}.{ns}{port} in the mesh file", p.name),
-                    p.name.clone(),
-                ));
-            }
-            for parent in parents {
-                let rules = convert(&mesh, r, i, parent, &path)?;
-                let authority = parent.proto.authority.clone();
-                if ns == r.namespace {
-                    set.producer.entry(authority).or_default().extend(rules);
-                } else {
-                    set.consumer
-                        .entry((r.namespace.clone(), authority))
-                        .or_default()
-                        .extend(rules);
-                }
-            }
-        }
+        attach(&mesh, r, i, &format!("routes[{i}]"), &mut set, true)?;
     }
     Ok(set)
+}
+
+/// Routes from Kubernetes, `routes` ranked oldest first: each is used or refused on its own,
+/// and a backend that does not resolve answers 500 for its share. Returns each route's status
+/// per parent.
+pub fn build_each(
+    routes: &[RouteFile],
+    faults: &[FaultInjectionFile],
+    services: &[Service],
+) -> (RouteSet, Vec<Vec<ParentStatus>>) {
+    let mut set = RouteSet::default();
+    let mut statuses = Vec::with_capacity(routes.len());
+    for (i, r) in routes.iter().enumerate() {
+        let mesh = Mesh {
+            services,
+            faults,
+            soft: true,
+            unresolved: Default::default(),
+        };
+        let mut own = RouteSet::default();
+        let path = format!("{}/{}", r.namespace, r.name);
+        let status = match attach(&mesh, r, i, &path, &mut own, false) {
+            Err(e) => r
+                .parent_refs
+                .iter()
+                .enumerate()
+                .map(|(parent, _)| ParentStatus {
+                    parent,
+                    accepted: Condition::no("UnsupportedValue", e.to_string()),
+                    resolved_refs: Condition::yes(
+                        "ResolvedRefs",
+                        "not checked: the route is not accepted",
+                    ),
+                })
+                .collect(),
+            Ok(parents) => {
+                merge(&mut set, own);
+                let unresolved = mesh.unresolved.take();
+                let resolved = match unresolved.first() {
+                    None => Condition::yes("ResolvedRefs", "every backend resolves"),
+                    Some((reason, _)) => Condition::no(
+                        reason,
+                        unresolved
+                            .iter()
+                            .map(|(_, m)| m.as_str())
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    ),
+                };
+                parents
+                    .into_iter()
+                    .enumerate()
+                    .map(|(parent, found)| ParentStatus {
+                        parent,
+                        accepted: found,
+                        resolved_refs: resolved.clone(),
+                    })
+                    .collect()
+            }
+        };
+        statuses.push(status);
+    }
+    (set, statuses)
+}
+
+fn merge(into: &mut RouteSet, from: RouteSet) {
+    for (k, v) in from.producer {
+        into.producer.entry(k).or_default().extend(v);
+    }
+    for (k, v) in from.consumer {
+        into.consumer.entry(k).or_default().extend(v);
+    }
+}
+
+/// Attaches one route to each parent it names; returns, per parent, whether it was accepted
+/// there. With `strict`, a parent that is not found is an error.
+fn attach(
+    mesh: &Mesh,
+    r: &RouteFile,
+    rank: usize,
+    path: &str,
+    set: &mut RouteSet,
+    strict: bool,
+) -> Result<Vec<Condition>, Invalid> {
+    if r.parent_refs.is_empty() {
+        return Err(invalid(
+            path.to_string(),
+            "a route needs a Service in parentRefs",
+            r.name.clone(),
+        ));
+    }
+    let mut found = Vec::new();
+    for (j, p) in r.parent_refs.iter().enumerate() {
+        let pp = format!("{path}.parentRefs[{j}]");
+        if p.kind.as_deref().is_some_and(|k| k != "Service")
+            || p.group
+                .as_deref()
+                .is_some_and(|g| !g.is_empty() && g != "core")
+        {
+            let msg = "only a Service (group \"\", kind Service) can be a parent in the mesh";
+            if strict {
+                return Err(invalid(pp, msg, p.name.clone()));
+            }
+            found.push(Condition::no("NotAllowedByListeners", msg));
+            continue;
+        }
+        if p.section_name.is_some() {
+            let msg = "sectionName is not supported for a Service parent; name its port instead";
+            if strict {
+                return Err(invalid(pp, msg, "sectionName"));
+            }
+            found.push(Condition::no("UnsupportedValue", msg));
+            continue;
+        }
+        let ns = p.namespace.as_deref().unwrap_or(&r.namespace);
+        let parents = mesh.service(&p.name, ns, p.port);
+        if parents.is_empty() {
+            let port = p.port.map(|p| format!(" port {p}")).unwrap_or_default();
+            let msg = format!("no service {}.{ns}{port} in the mesh", p.name);
+            if strict {
+                return Err(invalid(pp, msg, p.name.clone()));
+            }
+            found.push(Condition::no("NoMatchingParent", msg));
+            continue;
+        }
+        for parent in parents {
+            let rules = convert(mesh, r, rank, parent, path)?;
+            let authority = parent.proto.authority.clone();
+            if ns == r.namespace {
+                set.producer.entry(authority).or_default().extend(rules);
+            } else {
+                set.consumer
+                    .entry((r.namespace.clone(), authority))
+                    .or_default()
+                    .extend(rules);
+            }
+        }
+        found.push(Condition::yes("Accepted", "routes requests to the Service"));
+    }
+    Ok(found)
 }
 
 /// One route's rules for one parent.
@@ -167,17 +308,29 @@ fn convert_rule(
     rank: usize,
     index: usize,
 ) -> Result<dpb::Route, Invalid> {
-    let matches = rule
+    let mut matches = rule
         .matches
         .iter()
         .enumerate()
         .map(|(i, m)| route_match(m, r.kind, &format!("{path}.matches[{i}]")))
         .collect::<Result<Vec<_>, _>>()?;
+    if matches.is_empty() && r.kind == RouteKind::Http {
+        // Gateway API's default, written out as the API server writes it: prefix "/".
+        matches.push(dpb::RouteMatch {
+            path: Some(dpb::StringMatch {
+                kind: dpb::MatchKind::Prefix as i32,
+                value: "/".into(),
+            }),
+            ..Default::default()
+        });
+    }
     let filters = rule
         .filters
         .iter()
         .enumerate()
-        .map(|(i, f)| filter(mesh, f, r, parent, &format!("{path}.filters[{i}]"), false))
+        .filter_map(|(i, f)| {
+            filter(mesh, f, r, parent, &format!("{path}.filters[{i}]"), false).transpose()
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let prefix_modifier = rule.filters.iter().any(|f| {
         let p = f
@@ -219,18 +372,24 @@ fn convert_rule(
                 format!("weight: {weight}"),
             ));
         }
-        let authority = backend_authority(mesh, &b.object, &r.namespace, parent, &bp)?;
+        let (authority, unresolved) =
+            match backend_authority(mesh, &b.object, &r.namespace, parent, &bp)? {
+                Ok(a) => (a, String::new()),
+                Err(why) => (String::new(), why),
+            };
         let filters = b
             .filters
             .iter()
             .enumerate()
-            .map(|(j, f)| filter(mesh, f, r, parent, &format!("{bp}.filters[{j}]"), true))
+            .filter_map(|(j, f)| {
+                filter(mesh, f, r, parent, &format!("{bp}.filters[{j}]"), true).transpose()
+            })
             .collect::<Result<Vec<_>, _>>()?;
         backends.push(dpb::WeightedBackend {
             authority,
             weight,
             filters,
-            invalid: String::new(),
+            invalid: unresolved,
         });
     }
     if backends.is_empty() && !redirect {
@@ -591,41 +750,47 @@ fn path_modifier(p: &PathModifierSpec, path: &str) -> Result<dpb::PathModifier, 
     Ok(dpb::PathModifier { kind: Some(kind) })
 }
 
+/// The backend's authority. One that does not resolve is an error in the mesh file; from
+/// Kubernetes it is `Ok(Err(why))` (noted for the status: its share answers 500 with why).
 fn backend_authority(
     mesh: &Mesh,
     b: &BackendObject,
     route_ns: &str,
     parent: &Service,
     path: &str,
-) -> Result<String, Invalid> {
-    if b.kind.as_deref().is_some_and(|k| k != "Service")
+) -> Result<Result<String, String>, Invalid> {
+    let ns = b.namespace.as_deref().unwrap_or(route_ns);
+    let port = b.port.unwrap_or(parent.port);
+    let (reason, why) = if b.kind.as_deref().is_some_and(|k| k != "Service")
         || b.group
             .as_deref()
             .is_some_and(|g| !g.is_empty() && g != "core")
     {
-        return Err(invalid(
-            path.to_string(),
+        let kind = b.kind.as_deref().unwrap_or("");
+        (
+            "InvalidKind",
             format!(
-                "backend {} is not a Service (kind {:?} is not supported)",
-                b.name,
-                b.kind.as_deref().unwrap_or("")
-            ),
-            b.name.clone(),
-        ));
-    }
-    let ns = b.namespace.as_deref().unwrap_or(route_ns);
-    let port = b.port.unwrap_or(parent.port);
-    match mesh.service(&b.name, ns, Some(port)).first() {
-        Some(s) => Ok(s.proto.authority.clone()),
-        None => Err(invalid(
-            path.to_string(),
-            format!(
-                "backend {}.{ns} port {port} is not a service in the mesh file (BackendNotFound)",
+                "backend {} is not a Service (kind {kind:?} is not supported)",
                 b.name
             ),
-            b.name.clone(),
-        )),
+        )
+    } else {
+        match mesh.service(&b.name, ns, Some(port)).first() {
+            Some(s) => return Ok(Ok(s.proto.authority.clone())),
+            None => (
+                "BackendNotFound",
+                format!(
+                    "backend {}.{ns} port {port} is not a service in the mesh (BackendNotFound)",
+                    b.name
+                ),
+            ),
+        }
+    };
+    if !mesh.soft {
+        return Err(invalid(path.to_string(), why, b.name.clone()));
     }
+    mesh.unresolved.borrow_mut().push((reason, why.clone()));
+    Ok(Err(why))
 }
 
 fn filter(
@@ -635,7 +800,7 @@ fn filter(
     parent: &Service,
     path: &str,
     per_backend: bool,
-) -> Result<dpb::RouteFilter, Invalid> {
+) -> Result<Option<dpb::RouteFilter>, Invalid> {
     use dpb::route_filter::Kind;
     if per_backend
         && !matches!(
@@ -740,13 +905,13 @@ fn filter(
                     ));
                 }
             };
-            let authority = backend_authority(
-                mesh,
-                &x.backend_ref,
-                &r.namespace,
-                parent,
-                &format!("{path}.requestMirror.backendRef"),
-            )?;
+            let path = format!("{path}.requestMirror.backendRef");
+            // A mirror that does not resolve is left out (and noted): nothing to copy to.
+            let Ok(authority) =
+                backend_authority(mesh, &x.backend_ref, &r.namespace, parent, &path)?
+            else {
+                return Ok(None);
+            };
             Kind::RequestMirror(dpb::RequestMirror {
                 authority,
                 fraction,
@@ -756,11 +921,11 @@ fn filter(
             let x = f.extension_ref.as_ref().ok_or_else(|| {
                 invalid(path.to_string(), "extensionRef is missing", "ExtensionRef")
             })?;
-            if x.group != "musubi.io" || x.kind != "FaultInjection" {
+            if x.group != crate::kubernetes::crd::GROUP || x.kind != "FaultInjection" {
                 return Err(invalid(
                     format!("{path}.extensionRef"),
                     format!(
-                        "{}/{} is not supported (only musubi.io/FaultInjection)",
+                        "{}/{} is not supported (only policy.musubi.io/FaultInjection)",
                         x.group, x.kind
                     ),
                     x.kind.clone(),
@@ -774,7 +939,7 @@ fn filter(
                     invalid(
                         format!("{path}.extensionRef"),
                         format!(
-                            "no faultInjections entry {} in namespace {}",
+                            "no FaultInjection {} in namespace {} (or it is not valid)",
                             x.name, r.namespace
                         ),
                         x.name.clone(),
@@ -798,7 +963,7 @@ fn filter(
             return Err(invalid(format!("{path}.type"), what, other.to_string()));
         }
     };
-    Ok(dpb::RouteFilter { kind: Some(kind) })
+    Ok(Some(dpb::RouteFilter { kind: Some(kind) }))
 }
 
 fn percent(p: Option<f64>, path: &str) -> Result<Option<dpb::Fraction>, Invalid> {
@@ -842,6 +1007,11 @@ fn grpc_code(c: &GrpcCode) -> Option<u32> {
         GrpcCode::Name(s) => NAMES.iter().position(|n| n.eq_ignore_ascii_case(s))? as u32,
     };
     (1..=16).contains(&n).then_some(n)
+}
+
+/// Whether a FaultInjection's spec is one routes can use.
+pub fn check_fault(f: &FaultSpec) -> Result<(), Invalid> {
+    fault(f, "spec", RouteKind::Http, true).map(|_| ())
 }
 
 /// A FaultInjection's spec, checked; `any_kind` when it is not yet known which route uses it.

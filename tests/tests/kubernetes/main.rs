@@ -8,4 +8,5 @@ mod controller;
 mod identity;
 mod injector;
 mod install;
+mod routes;
 mod support;

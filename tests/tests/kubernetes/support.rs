@@ -261,17 +261,22 @@ pub async fn create_policy(
     name: &str,
     spec: serde_json::Value,
 ) -> Result<kube::api::DynamicObject, kube::Error> {
-    let plural = if kind == "MeshTLS" {
-        "meshtls"
-    } else {
-        "authorizationpolicies"
-    };
+    let plural = plural(kind);
     let ar = musubi_controller::kubernetes::crd_resource(kind, plural);
     let mut obj = kube::api::DynamicObject::new(name, &ar).within(ns);
     obj.data = json!({ "spec": spec });
     Api::<kube::api::DynamicObject>::namespaced_with(kube.clone(), ns, &ar)
         .create(&PostParams::default(), &obj)
         .await
+}
+
+/// The plural of one of Musubi's policy kinds.
+fn plural(kind: &str) -> &'static str {
+    match kind {
+        "MeshTLS" => "meshtls",
+        "FaultInjection" => "faultinjections",
+        _ => "authorizationpolicies",
+    }
 }
 
 /// The object's `Accepted` condition, once it says `status` for its current generation.
@@ -282,11 +287,7 @@ pub async fn accepted_condition(
     name: &str,
     status: &str,
 ) -> serde_json::Value {
-    let plural = if kind == "MeshTLS" {
-        "meshtls"
-    } else {
-        "authorizationpolicies"
-    };
+    let plural = plural(kind);
     let ar = musubi_controller::kubernetes::crd_resource(kind, plural);
     let api = Api::<kube::api::DynamicObject>::namespaced_with(kube.clone(), ns, &ar);
     musubi_tests::eventually(

@@ -143,6 +143,7 @@ fn named(ns: &str, name: &str, spec: serde_json::Value) -> Object {
         namespace: ns.into(),
         name: name.into(),
         generation: Some(1),
+        created: None,
         spec,
     }
 }
@@ -301,6 +302,7 @@ fn authorization_policies_add_up_per_port_and_a_bad_rule_narrows() {
         state,
         problems,
         verdicts,
+        ..
     } = build(&s);
     // (port, rules: None = no policy, any authenticated client)
     let cases: [(u32, Option<Vec<Client>>); 6] = [

@@ -54,7 +54,7 @@ routes:
           - type: RequestMirror
             requestMirror: { backendRef: { name: order-server-canary, port: 80 }, percent: 10 }
           - type: ExtensionRef
-            extensionRef: { group: musubi.io, kind: FaultInjection, name: slow-and-failing }
+            extensionRef: { group: policy.musubi.io, kind: FaultInjection, name: slow-and-failing }
         backendRefs:
           - { name: order-server, port: 80, weight: 90 }
           - { name: order-server-canary, port: 80, weight: 10 }
@@ -163,7 +163,7 @@ routes:
           - method: { service: musubi.test.Store, method: Get }
             headers: [{ name: x-tenant, type: RegularExpression, value: "a|b" }]
         filters:
-          - { type: ExtensionRef, extensionRef: { group: musubi.io, kind: FaultInjection, name: unavailable } }
+          - { type: ExtensionRef, extensionRef: { group: policy.musubi.io, kind: FaultInjection, name: unavailable } }
         backendRefs: [{ name: grpc-store }]
 "#,
     )
@@ -242,9 +242,9 @@ fn bad_routes_are_refused_with_where_and_why() {
             "not a Gateway API duration",
         ),
         (
-            rule(&format!("      - filters: [{{ type: ExtensionRef, extensionRef: {{ group: musubi.io, kind: FaultInjection, name: nope }} }}]\n{backend}")),
+            rule(&format!("      - filters: [{{ type: ExtensionRef, extensionRef: {{ group: policy.musubi.io, kind: FaultInjection, name: nope }} }}]\n{backend}")),
             "routes[0].rules[0].filters[0].extensionRef",
-            "no faultInjections entry nope",
+            "no FaultInjection nope in namespace shop",
         ),
         (
             rule(&format!("      - filters: [{{ type: RequestRedirect, requestRedirect: {{ statusCode: 305 }} }}]\n{backend}")),
