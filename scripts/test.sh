@@ -25,6 +25,9 @@ if ! command -v iptables-restore >/dev/null || ! command -v ip >/dev/null || ! c
 fi
 # The benchmark's load generator (fortio, from its Go module; cached in ~/.cache/musubi/bin).
 ./scripts/bench-tools.sh
+# Gateway API's HTTPRoute and GRPCRoute CRDs, from their Go module (for the chart and the
+# Kubernetes tests).
+./scripts/gateway-api-crds.sh
 # The Kubernetes tests' API server, etcd, kubectl and helm, built from their Go modules (about
 # 11 minutes of two cores the first time; cached in ~/.cache/musubi/k8s). Built in the
 # background while format and clippy run; the tests wait for it.

@@ -599,6 +599,12 @@ fn route_match(m: &MatchSpec, kind: RouteKind, path: &str) -> Result<dpb::RouteM
             ));
         }
         out.path = Some(dpb::StringMatch { kind: k, value });
+    } else if kind == RouteKind::Http {
+        // Gateway API's default, as the API server writes it.
+        out.path = Some(dpb::StringMatch {
+            kind: dpb::MatchKind::Prefix as i32,
+            value: "/".into(),
+        });
     }
     out.header_matches = m
         .headers
