@@ -119,6 +119,7 @@ pub async fn run(client: &kube::Client, ns: &str, now: SystemTime) -> Vec<Findin
         "meshtls.policy.musubi.io",
         "authorizationpolicies.policy.musubi.io",
         "faultinjections.policy.musubi.io",
+        "routepolicies.policy.musubi.io",
     ] {
         out.push(match crds.get_opt(name).await {
             Ok(Some(_)) => finding(Level::Ok, format!("CRD {name}"), "installed"),

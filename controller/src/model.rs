@@ -53,6 +53,10 @@ pub struct MeshFile {
     /// Musubi `FaultInjection` objects, used by routes through `ExtensionRef` filters.
     #[serde(default)]
     pub fault_injections: Vec<gateway::FaultInjectionFile>,
+    /// Musubi `RoutePolicy` objects: timeouts for GRPCRoute rules (and HTTPRoute rules without
+    /// their own).
+    #[serde(default)]
+    pub route_policies: Vec<gateway::RoutePolicyFile>,
 }
 
 fn cluster_local() -> String {
@@ -374,7 +378,12 @@ impl MeshFile {
                 },
             });
         }
-        let mut route_set = routes::build(&self.routes, &self.fault_injections, &services)?;
+        let mut route_set = routes::build(
+            &self.routes,
+            &self.fault_injections,
+            &self.route_policies,
+            &services,
+        )?;
         for s in &mut services {
             if let Some(r) = route_set.producer.remove(&s.proto.authority) {
                 s.proto.routes = r;

@@ -44,6 +44,7 @@ pub struct Snapshot {
     pub http_routes: Option<Vec<Object>>,
     pub grpc_routes: Option<Vec<Object>>,
     pub faults: Option<Vec<Object>>,
+    pub route_policies: Option<Vec<Object>>,
 }
 
 /// What a snapshot makes: the state, a line for each problem (for the log), and a verdict for
@@ -111,6 +112,7 @@ pub fn build(s: &Snapshot) -> Built {
         s.http_routes.as_deref(),
         s.grpc_routes.as_deref(),
         s.faults.as_deref(),
+        s.route_policies.as_deref(),
         &services,
         &mut verdicts,
         &mut problems,

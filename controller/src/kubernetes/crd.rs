@@ -60,6 +60,7 @@ pub enum Kind {
     MeshTls,
     AuthorizationPolicy,
     FaultInjection,
+    RoutePolicy,
 }
 
 impl Kind {
@@ -68,6 +69,7 @@ impl Kind {
             Kind::MeshTls => "MeshTLS",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::FaultInjection => "FaultInjection",
+            Kind::RoutePolicy => "RoutePolicy",
         }
     }
 
@@ -76,6 +78,7 @@ impl Kind {
             Kind::MeshTls => "meshtls",
             Kind::AuthorizationPolicy => "authorizationpolicies",
             Kind::FaultInjection => "faultinjections",
+            Kind::RoutePolicy => "routepolicies",
         }
     }
 }

@@ -142,6 +142,8 @@ struct Stores {
     http_routes: Store<DynamicObject>,
     grpc_routes: Store<DynamicObject>,
     faults: Store<DynamicObject>,
+    route_policies: Store<DynamicObject>,
+    route_policies_listed: Arc<AtomicBool>,
     http_routes_listed: Arc<AtomicBool>,
     grpc_routes_listed: Arc<AtomicBool>,
     faults_listed: Arc<AtomicBool>,
@@ -168,6 +170,8 @@ impl KubeSource {
         let http_ar = route_status::resource(crate::model::gateway::RouteKind::Http);
         let grpc_ar = route_status::resource(crate::model::gateway::RouteKind::Grpc);
         let w_faults = reflector::store::Writer::new(faults_ar.clone());
+        let policies_ar = crd_resource(Kind::RoutePolicy.name(), Kind::RoutePolicy.plural());
+        let w_policies = reflector::store::Writer::new(policies_ar.clone());
         let w_http = reflector::store::Writer::new(http_ar.clone());
         let w_grpc = reflector::store::Writer::new(grpc_ar.clone());
         let stores = Stores {
@@ -182,6 +186,8 @@ impl KubeSource {
             http_routes: w_http.as_reader(),
             grpc_routes: w_grpc.as_reader(),
             faults: w_faults.as_reader(),
+            route_policies: w_policies.as_reader(),
+            route_policies_listed: Arc::default(),
             http_routes_listed: Arc::default(),
             grpc_routes_listed: Arc::default(),
             faults_listed: Arc::default(),
@@ -239,6 +245,13 @@ impl KubeSource {
                 stores.faults_listed.clone(),
             ),
             spawn_watch(
+                Api::all_with(c.clone(), &policies_ar),
+                w_policies,
+                Kind::RoutePolicy.plural(),
+                changed.clone(),
+                stores.route_policies_listed.clone(),
+            ),
+            spawn_watch(
                 Api::all_with(c.clone(), &http_ar),
                 w_http,
                 "httproutes",
@@ -279,6 +292,7 @@ impl KubeSource {
                 mesh_tls: (mtls_ar, stores.mesh_tls.clone()),
                 authorization: (authz_ar, stores.authorization.clone()),
                 faults: (faults_ar, stores.faults.clone()),
+                route_policies: (policies_ar, stores.route_policies.clone()),
             },
             verdicts_rx,
         ));
@@ -406,6 +420,7 @@ fn rebuild(cfg: &KubeSourceConfig, stores: &Stores, log: &mut ProblemLog) -> bui
         http_routes: objects(&stores.http_routes_listed, &stores.http_routes),
         grpc_routes: objects(&stores.grpc_routes_listed, &stores.grpc_routes),
         faults: objects(&stores.faults_listed, &stores.faults),
+        route_policies: objects(&stores.route_policies_listed, &stores.route_policies),
     };
     let mut built = build::build(&snapshot);
     log.report(std::mem::take(&mut built.problems));

@@ -101,6 +101,7 @@ pub(super) struct Objects {
     pub mesh_tls: (ApiResource, Store<DynamicObject>),
     pub authorization: (ApiResource, Store<DynamicObject>),
     pub faults: (ApiResource, Store<DynamicObject>),
+    pub route_policies: (ApiResource, Store<DynamicObject>),
 }
 
 impl Objects {
@@ -109,6 +110,7 @@ impl Objects {
             Kind::MeshTls => &self.mesh_tls,
             Kind::AuthorizationPolicy => &self.authorization,
             Kind::FaultInjection => &self.faults,
+            Kind::RoutePolicy => &self.route_policies,
         }
     }
 }

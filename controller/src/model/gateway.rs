@@ -307,3 +307,36 @@ pub enum GrpcCode {
     Number(u32),
     Name(String),
 }
+
+/// Musubi's `RoutePolicy` (group `policy.musubi.io`): what Gateway API has no field for,
+/// attached to routes by `targetRefs` (Gateway API policy attachment): timeouts for GRPCRoute
+/// rules, which have none (and for HTTPRoute rules without their own). The resilience work adds
+/// retries here.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RoutePolicyFile {
+    pub name: String,
+    pub namespace: String,
+    #[serde(flatten)]
+    pub spec: RoutePolicySpec,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RoutePolicySpec {
+    pub target_refs: Vec<TargetRef>,
+    #[serde(default)]
+    pub timeouts: Option<Timeouts>,
+}
+
+/// A route in the policy's namespace; `sectionName` names one rule (by its `name`), else every
+/// rule of the route.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TargetRef {
+    pub group: String,
+    pub kind: String,
+    pub name: String,
+    #[serde(default)]
+    pub section_name: Option<String>,
+}

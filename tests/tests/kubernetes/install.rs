@@ -235,3 +235,52 @@ fn musubi_install_embeds_the_current_chart() {
         "cli/src/install/manifests.yaml is stale: run scripts/render-install.sh"
     );
 }
+
+/// `gatewayAPI.installCRDs=true` renders Gateway API's route CRDs (kept on uninstall), unless
+/// the cluster has them from someone else already.
+#[tokio::test]
+async fn the_chart_installs_gateway_api_crds_only_where_missing() {
+    let api = musubi_tests::api_server_or_skip!();
+    let fetched = std::process::Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gateway-api-crds.sh"),
+    )
+    .output()
+    .unwrap();
+    ok(&fetched, "scripts/gateway-api-crds.sh");
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/musubi");
+    let template = |install: bool, server: bool| {
+        let mut helm = api.tool("helm");
+        helm.args(["template", "musubi"]).arg(&chart);
+        helm.args(["--namespace", NS, "--set"]);
+        helm.arg(format!("gatewayAPI.installCRDs={install}"));
+        for v in [
+            "identity.trustAnchorsPEM=-----BEGIN CERTIFICATE----- x",
+            "identity.issuer.crtPEM=x",
+            "identity.issuer.keyPEM=x",
+            "injector.tls.crtPEM=x",
+            "injector.tls.keyPEM=x",
+            "injector.tls.caPEM=x",
+        ] {
+            helm.args(["--set", v]);
+        }
+        if server {
+            helm.arg("--dry-run=server");
+        }
+        ok(&helm.output().unwrap(), "helm template")
+    };
+    let with = template(true, false);
+    assert!(with.contains("name: httproutes.gateway.networking.k8s.io"));
+    assert!(with.contains("name: grpcroutes.gateway.networking.k8s.io"));
+    assert!(with.contains("helm.sh/resource-policy: keep"));
+    assert!(!template(false, false).contains("httproutes.gateway.networking.k8s.io"));
+    // Installed by someone else (kubectl here): left alone.
+    let mut apply = api.tool("kubectl");
+    apply.args(["apply", "--server-side", "--force-conflicts", "-f"]);
+    apply.arg(chart.join("gateway-api/httproutes.yaml"));
+    ok(&apply.output().unwrap(), "kubectl apply (HTTPRoute CRD)");
+    let live = template(true, true);
+    assert!(
+        !live.contains("name: httproutes.gateway.networking.k8s.io"),
+        "an existing CRD is not taken over"
+    );
+}

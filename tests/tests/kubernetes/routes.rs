@@ -49,9 +49,15 @@ fn install_crds(api: &ApiServer) {
             support::crd_file("meshtls"),
             support::crd_file("authorizationpolicies"),
             support::crd_file("faultinjections"),
+            support::crd_file("routepolicies"),
         ],
         None,
-        &["meshtls", "authorizationpolicies", "faultinjections"],
+        &[
+            "meshtls",
+            "authorizationpolicies",
+            "faultinjections",
+            "routepolicies",
+        ],
     );
 }
 

@@ -275,6 +275,7 @@ fn plural(kind: &str) -> &'static str {
     match kind {
         "MeshTLS" => "meshtls",
         "FaultInjection" => "faultinjections",
+        "RoutePolicy" => "routepolicies",
         _ => "authorizationpolicies",
     }
 }

@@ -6,7 +6,9 @@
 
 use crate::kubernetes::crd::{Kind, Object, Refusal, Verdict};
 use crate::model::Service;
-use crate::model::gateway::{FaultInjectionFile, FaultSpec, RouteFile, RouteKind};
+use crate::model::gateway::{
+    FaultInjectionFile, FaultSpec, RouteFile, RouteKind, RoutePolicyFile, RoutePolicySpec,
+};
 use crate::model::routes::{self, Condition, ParentStatus, RouteSet};
 use serde_json::Value;
 
@@ -95,17 +97,60 @@ fn faults(
     out
 }
 
+/// The RoutePolicies that validate, oldest first (for routes to use), and a verdict for each.
+fn policies(
+    objects: &[Object],
+    verdicts: &mut Vec<Verdict>,
+    problems: &mut Vec<String>,
+) -> Vec<RoutePolicyFile> {
+    let mut sorted: Vec<&Object> = objects.iter().collect();
+    sorted.sort_by(|a, b| {
+        (&a.created, &a.namespace, &a.name).cmp(&(&b.created, &b.namespace, &b.name))
+    });
+    let mut out = Vec::new();
+    for o in sorted {
+        let checked = serde_json::from_value::<RoutePolicySpec>(o.spec.clone())
+            .map_err(|e| format!("the spec does not decode: {e}"))
+            .and_then(|spec| {
+                routes::check_policy(&spec, "spec")
+                    .map(|()| spec)
+                    .map_err(|e| e.to_string())
+            });
+        match checked {
+            Ok(spec) => {
+                verdicts.push(Verdict::new(Kind::RoutePolicy, o, None));
+                out.push(RoutePolicyFile {
+                    name: o.name.clone(),
+                    namespace: o.namespace.clone(),
+                    spec,
+                });
+            }
+            Err(msg) => {
+                problems.push(format!("RoutePolicy {}/{}: {msg}", o.namespace, o.name));
+                verdicts.push(Verdict::new(
+                    Kind::RoutePolicy,
+                    o,
+                    Some((Refusal::InvalidSpec, msg)),
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// Every route (`None`: that kind has not listed, or its CRD is not installed), with the
 /// services they attach to. Returns the routes by service and a verdict for each route.
 pub(super) fn build(
     http: Option<&[Object]>,
     grpc: Option<&[Object]>,
     fault_objects: Option<&[Object]>,
+    policy_objects: Option<&[Object]>,
     services: &[Service],
     verdicts: &mut Vec<Verdict>,
     problems: &mut Vec<String>,
 ) -> (RouteSet, Vec<RouteVerdict>) {
     let faults = faults(fault_objects.unwrap_or_default(), verdicts, problems);
+    let policies = policies(policy_objects.unwrap_or_default(), verdicts, problems);
     let mut listed: Vec<Listed> = [(RouteKind::Http, http), (RouteKind::Grpc, grpc)]
         .into_iter()
         .flat_map(|(kind, objects)| {
@@ -131,7 +176,7 @@ pub(super) fn build(
         .iter()
         .filter_map(|l| l.decoded.as_ref().ok().cloned())
         .collect();
-    let (set, mut statuses) = routes::build_each(&usable, &faults, services);
+    let (set, mut statuses) = routes::build_each(&usable, &faults, &policies, services);
     statuses.reverse();
     let mut out = Vec::with_capacity(listed.len());
     for l in &listed {

@@ -308,3 +308,60 @@ fn durations_are_gep_2257() {
         assert_eq!(duration(text, "t").ok(), want, "{text:?}");
     }
 }
+
+#[test]
+fn route_policies_give_timeouts_to_rules_without_their_own() {
+    let state = mesh(
+        r#"
+routePolicies:
+  - name: whole-route
+    namespace: shop
+    targetRefs: [{ group: gateway.networking.k8s.io, kind: GRPCRoute, name: store }]
+    timeouts: { request: 5s }
+  - name: one-rule
+    namespace: shop
+    targetRefs: [{ group: gateway.networking.k8s.io, kind: GRPCRoute, name: store, sectionName: slow }]
+    timeouts: { request: 30s, backendRequest: 10s }
+routes:
+  - name: store
+    namespace: shop
+    kind: GRPCRoute
+    parentRefs: [{ name: grpc-store }]
+    rules:
+      - name: slow
+        matches: [{ method: { service: musubi.test.Store, method: Scan } }]
+        backendRefs: [{ name: grpc-store }]
+      - backendRefs: [{ name: grpc-store }]
+"#,
+    )
+    .unwrap();
+    let r = routes_of(&state, "grpc-store");
+    let secs = |d: &Option<prost_types::Duration>| d.as_ref().map(|d| d.seconds);
+    assert_eq!(
+        (secs(&r[0].timeout), secs(&r[0].backend_timeout)),
+        (Some(30), Some(10)),
+        "the rule's own policy wins"
+    );
+    assert_eq!(
+        (secs(&r[1].timeout), secs(&r[1].backend_timeout)),
+        (Some(5), None),
+        "the route's policy"
+    );
+
+    for (policy, path, says) in [
+        (
+            "routePolicies: [{ name: p, namespace: shop, targetRefs: [{ group: '', kind: Service, name: x }] }]\n",
+            "routePolicies[0].targetRefs[0]",
+            "is not a route",
+        ),
+        (
+            "routePolicies: [{ name: p, namespace: shop, targetRefs: [{ group: gateway.networking.k8s.io, kind: GRPCRoute, name: x }], timeouts: { request: 1s, backendRequest: 2s } }]\n",
+            "routePolicies[0].timeouts",
+            "must not be longer",
+        ),
+    ] {
+        let err = mesh(policy).unwrap_err();
+        assert_eq!(err.path, path, "{err}");
+        assert!(err.problem.contains(says), "{err}");
+    }
+}
