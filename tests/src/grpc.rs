@@ -68,6 +68,13 @@ impl Echo for EchoApp {
         let mut inbound = req.into_inner();
         let out = async_stream(move |tx| async move {
             while let Some(Ok(m)) = inbound.next().await {
+                if m.text == "fail" {
+                    // After normal headers and messages: the status goes in the trailers.
+                    let _ = tx
+                        .send(Err(Status::unavailable("told to fail mid-stream")))
+                        .await;
+                    break;
+                }
                 let reply = Msg {
                     text: format!("re:{}", m.text),
                     delay_ms: 0,
