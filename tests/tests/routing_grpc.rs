@@ -79,6 +79,12 @@ fn routes() -> Vec<dpb::Route> {
 }
 
 async fn start() -> (Identity, grpc::GrpcApp, Proxy, Proxy) {
+    start_with(routes()).await
+}
+
+/// The echo app behind a server proxy, and a client proxy whose discovery gives `echo` these
+/// routes and knows a service `empty` without endpoints.
+async fn start_with(routes: Vec<dpb::Route>) -> (Identity, grpc::GrpcApp, Proxy, Proxy) {
     let identity = Identity::start().await;
     let app = grpc::serve().await;
     let server = proxy(
@@ -92,23 +98,18 @@ async fn start() -> (Identity, grpc::GrpcApp, Proxy, Proxy) {
     )
     .await;
     let mut echo: Destination = (*destination(ECHO, &server, app.addr.port())).clone();
-    echo.routes = Routes::from_pb(&routes());
+    echo.routes = Routes::from_pb(&routes);
     let mut empty = (*destination(EMPTY, &server, app.addr.port())).clone();
     empty.endpoints.clear();
     let destinations = HashMap::from([
         (ECHO.to_string(), Arc::new(echo)),
         (EMPTY.to_string(), Arc::new(empty)),
     ]);
-    let client = proxy(
-        &identity,
-        "shop",
-        "web",
-        Setup {
-            destinations,
-            ..Setup::default()
-        },
-    )
-    .await;
+    let setup = Setup {
+        destinations,
+        ..Setup::default()
+    };
+    let client = proxy(&identity, "shop", "web", setup).await;
     (identity, app, server, client)
 }
 
@@ -168,45 +169,11 @@ async fn grpc_routes_answer_grpc_statuses() {
 
 #[tokio::test]
 async fn backends_without_endpoints_or_invalid_answer_unavailable_and_internal() {
-    let identity = Identity::start().await;
-    let app = grpc::serve().await;
-    let server = proxy(
-        &identity,
-        "shop",
-        "echo",
-        Setup {
-            app_ports: vec![app.addr.port()],
-            ..Setup::default()
-        },
-    )
-    .await;
-    let mut echo: Destination = (*destination(ECHO, &server, app.addr.port())).clone();
-    echo.routes = Routes::from_pb(&[
+    let invalid = "backend nowhere.shop port 80 is not a service (BackendNotFound)";
+    let (_identity, _app, _server, web) = start_with(vec![
         rule("Unary", vec![], vec![to(EMPTY, "")]),
-        rule(
-            "Slow",
-            vec![],
-            vec![to(
-                ECHO,
-                "backend nowhere.shop port 80 is not a service (BackendNotFound)",
-            )],
-        ),
-    ]);
-    let mut empty = (*destination(EMPTY, &server, app.addr.port())).clone();
-    empty.endpoints.clear();
-    let destinations = HashMap::from([
-        (ECHO.to_string(), Arc::new(echo)),
-        (EMPTY.to_string(), Arc::new(empty)),
-    ]);
-    let web = proxy(
-        &identity,
-        "shop",
-        "web",
-        Setup {
-            destinations,
-            ..Setup::default()
-        },
-    )
+        rule("Slow", vec![], vec![to(ECHO, invalid)]),
+    ])
     .await;
     let mut echo = client(&web).await;
     let status = echo.unary(pb::Msg::default()).await.unwrap_err();
