@@ -34,7 +34,12 @@ fn served_state_is_accepted(state: &MeshState) {
             version: 1,
         };
         match from_update(&update) {
-            Ok(Some(_)) => {}
+            // Every route rule the controller accepted compiles in the proxy too.
+            Ok(Some(d)) => assert!(
+                d.routes.errors.is_empty(),
+                "the proxy leaves out rules the controller accepted: {:?}",
+                d.routes.errors
+            ),
             other => panic!(
                 "the proxy refuses service {}/{}: {other:?}",
                 s.namespace, s.name

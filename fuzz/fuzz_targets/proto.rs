@@ -10,6 +10,7 @@ use musubi_proto::discovery::v1 as dpb;
 use musubi_proto::policy::v1 as ppb;
 use musubi_proxy::destination::from_update;
 use musubi_proxy::policy::{InboundPolicy, Peer, authorize};
+use musubi_proxy::route::{Head, RouteDecision};
 use prost::Message as _;
 use std::sync::LazyLock;
 
@@ -46,6 +47,35 @@ fn service_update(update: &dpb::ServiceUpdate) {
         );
     }
     serde_json::to_string(&dest).expect("a destination serializes");
+    // Every rule sent is either compiled or left out with a reason, and routing over the table
+    // (matching, precedence, the weighted draw) never fails.
+    let sent = update.service.as_ref().map_or(0, |s| s.routes.len());
+    let table = &dest.routes.table;
+    assert_eq!(table.rules.len() + dest.routes.errors.len(), sent);
+    let headers = {
+        let mut h = http::HeaderMap::new();
+        h.insert("x-canary", http::HeaderValue::from_static("true"));
+        h.insert("content-type", http::HeaderValue::from_static("application/grpc"));
+        h
+    };
+    for (path, query) in [("/", None), ("/orders/7", Some("id=7")), ("/musubi.test.v1.Echo/Unary", None)] {
+        let head = Head {
+            method: &http::Method::GET,
+            path,
+            query,
+            headers: &headers,
+            grpc: path.contains('.'),
+        };
+        if let RouteDecision::Matched { rule, .. } = table.select(&head) {
+            let total = rule.total_weight();
+            for draw in [0, total / 2, total.saturating_sub(1)] {
+                if total > 0 {
+                    assert!(rule.backend(draw).is_some(), "a draw below the total weight picks a backend");
+                }
+            }
+            assert!(rule.backend(total).is_none());
+        }
+    }
 }
 
 fn inbound_policy(policy: &ppb::InboundPolicy) {
