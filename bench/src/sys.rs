@@ -23,6 +23,29 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
+/// Steal time of each CPU (ready to run while the hypervisor ran something else), from
+/// /proc/stat, indexed by CPU number. On a shared host it is the noise under every figure.
+pub fn steal() -> Vec<Duration> {
+    let ticks = clock_ticks();
+    std::fs::read_to_string("/proc/stat")
+        .map(|s| parse_steal(&s))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| Duration::from_secs_f64(t as f64 / ticks))
+        .collect()
+}
+
+/// The `steal` column (the 8th after the name) of each `cpuN` line, in clock ticks.
+pub fn parse_steal(stat: &str) -> Vec<u64> {
+    stat.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            f.next()?.strip_prefix("cpu")?.parse::<usize>().ok()?;
+            f.nth(7)?.parse().ok()
+        })
+        .collect()
+}
+
 /// Resident set size in bytes (VmRSS) and its peak (VmHWM).
 pub fn rss(pid: u32) -> Option<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -143,4 +166,20 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
 pub fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     if xs.is_empty() { 0.0 } else { xs[xs.len() / 2] }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steal_per_cpu() {
+        let stat = "cpu  339881 353276 78066 181511 1540 0 3075 8564 0 0\n\
+                    cpu0 154303 175493 38429 108245 386 0 1196 4420 0 0\n\
+                    cpu1 185577 177783 39636 73265 1153 0 1879 4143 0 0\n\
+                    cpu2 1 2 3\n\
+                    intr 1 2 3 4 5 6 7 8 9\n";
+        assert_eq!(parse_steal(stat), vec![4420, 4143]);
+        assert!(parse_steal("").is_empty());
+    }
 }

@@ -3,6 +3,7 @@
 //! the same key-exchange group as rustls negotiates between Musubi proxies, one worker (set on
 //! the command line), no access logs, no request ids, circuit breakers out of the way.
 
+use super::routed;
 use super::topology::Backend;
 
 /// rustls (aws-lc-rs) prefers the X25519+ML-KEM-768 hybrid, so two Musubi proxies negotiate it;
@@ -64,7 +65,9 @@ fn cluster(name: &str, addr: &str, port: u16, h2: bool, tls: Option<String>) -> 
     )
 }
 
-fn hcm(name: &str, routes: &str) -> String {
+/// An HTTP connection manager whose virtual hosts are `hosts` (more specific domains) and then
+/// `all` (every other authority) with `routes`.
+fn hcm(name: &str, hosts: &str, routes: &str) -> String {
     format!(
         r#"
       - name: envoy.filters.network.http_connection_manager
@@ -74,7 +77,7 @@ fn hcm(name: &str, routes: &str) -> String {
           codec_type: AUTO
           generate_request_id: false
           route_config:
-            virtual_hosts:
+            virtual_hosts:{hosts}
             - name: all
               domains: ["*"]
               routes:{routes}
@@ -114,8 +117,23 @@ const ROUTE_GRPC_THEN_HTTP: &str = r#"
               - match: { prefix: "/" }
                 route: { cluster: backend_http, timeout: 0s }"#;
 
-/// The client-side Envoy: plaintext HTTP and TCP in, mTLS to the server-side Envoy out.
+/// The client-side Envoy: plaintext HTTP and TCP in, mTLS to the server-side Envoy out. The
+/// routed authority has its own virtual host and two clusters that reach the server-side Envoy
+/// exactly as `server_http` does.
 pub fn client(http: u16, tcp: u16, server_http: u16, server_tcp: u16) -> String {
+    let to_server = |name: &str| {
+        cluster(
+            name,
+            "127.0.0.14",
+            server_http,
+            true,
+            Some(tls_context(SERVER_ID, "\"h2\"")),
+        )
+    };
+    let split_clusters: String = routed::SPLIT
+        .iter()
+        .map(|(name, _)| to_server(&routed::envoy_cluster(name)))
+        .collect();
     let routes = r#"
               - match: { prefix: "/" }
                 route: { cluster: server_http, timeout: 0s }"#;
@@ -133,17 +151,11 @@ static_resources:
     address: {{ socket_address: {{ address: 127.0.0.13, port_value: {tcp} }} }}
     filter_chains:
     - filters:{}
-  clusters:{}{}
+  clusters:{}{}{split_clusters}
 "#,
-        hcm("http_out", routes),
+        hcm("http_out", &routed::envoy_virtual_host(), routes),
         tcp_proxy("tcp_out", "server_tcp"),
-        cluster(
-            "server_http",
-            "127.0.0.14",
-            server_http,
-            true,
-            Some(tls_context(SERVER_ID, "\"h2\""))
-        ),
+        to_server("server_http"),
         cluster(
             "server_tcp",
             "127.0.0.14",
@@ -172,7 +184,7 @@ static_resources:
     - filters:{}{}
   clusters:{}{}{}
 "#,
-        hcm("mesh_http", ROUTE_GRPC_THEN_HTTP),
+        hcm("mesh_http", "", ROUTE_GRPC_THEN_HTTP),
         downstream_tls(CLIENT_ID, "\"h2\""),
         tcp_proxy("mesh_tcp", "backend_tcp"),
         downstream_tls(CLIENT_ID, ""),

@@ -13,6 +13,8 @@ pub enum Kind {
     Http1,
     Http2,
     Grpc,
+    /// HTTP/1.1 as [`Kind::Http1`], to the service with ten routes and a 90/10 split.
+    Routed,
 }
 
 impl Kind {
@@ -21,6 +23,7 @@ impl Kind {
             Kind::Http1 => "http1",
             Kind::Http2 => "http2",
             Kind::Grpc => "grpc",
+            Kind::Routed => "routed",
         }
     }
 }
@@ -86,7 +89,7 @@ pub async fn run(load: &Load, cpus: Option<&str>) -> Result<Outcome> {
         "-allow-initial-errors".into(),
     ];
     match load.kind {
-        Kind::Http1 => {
+        Kind::Http1 | Kind::Routed => {
             args.extend(["-H".into(), format!("Host: {}", load.authority)]);
             args.push(format!("http://{}/", load.target));
         }

@@ -6,6 +6,7 @@ pub mod backend;
 mod envoy_config;
 mod load;
 mod report;
+mod routed;
 mod tcp;
 mod topology;
 
@@ -31,7 +32,8 @@ pub struct Args {
     /// Write the JSON result here (e.g. bench/results/<date>-<host>.json).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Measure only these latency points, `KIND:RPS:CONNECTIONS` (e.g. `http1:1000:16`;
+    /// Measure only these latency points, `KIND:RPS:CONNECTIONS` (KIND: http1, http2, grpc, or
+    /// routed: HTTP/1.1 to a service with ten routes and a 90/10 split; e.g. `http1:1000:16`;
     /// repeatable), and skip capacity, opaque TCP and start-to-ready: for profiling one path.
     #[arg(long = "point", value_parser = parse_point)]
     pub points: Vec<Point>,
@@ -51,7 +53,8 @@ pub fn parse_point(s: &str) -> Result<Point, String> {
         "http1" => Kind::Http1,
         "http2" => Kind::Http2,
         "grpc" => Kind::Grpc,
-        k => return Err(format!("{k:?}: kind is http1, http2 or grpc")),
+        "routed" => Kind::Routed,
+        k => return Err(format!("{k:?}: kind is http1, http2, grpc or routed")),
     };
     let number = |x: &str, what: &str| {
         x.parse::<u32>()
@@ -85,7 +88,8 @@ impl Point {
     }
 }
 
-/// The latency plan: the scenarios 1–3 (quick: one point of each kind).
+/// The latency plan: the scenarios 1–3, and HTTP/1.1 through ten routes with a split
+/// (quick: one point of each kind).
 pub fn plan(quick: bool) -> Vec<Point> {
     let p = |kind, rps, connections| Point {
         kind,
@@ -97,11 +101,13 @@ pub fn plan(quick: bool) -> Vec<Point> {
             p(Kind::Http1, 1000, 16),
             p(Kind::Http2, 1000, 16),
             p(Kind::Grpc, 1000, 16),
+            p(Kind::Routed, 1000, 16),
         ];
     }
     vec![
         p(Kind::Http1, 200, 16),
         p(Kind::Http1, 1000, 16),
+        p(Kind::Routed, 1000, 16),
         p(Kind::Http1, 2000, 16),
         p(Kind::Http2, 1000, 16),
         p(Kind::Grpc, 1000, 16),
@@ -133,18 +139,24 @@ pub struct Sample {
     pub millicores_per_krps: Vec<f64>,
     /// VmRSS after the run, per proxy, bytes.
     pub rss: Vec<u64>,
+    /// Steal time during the run, per CPU, percent of the run.
+    pub steal_pct: Vec<f64>,
 }
 
 async fn measure(sys_: &System, point: Point, duration: Duration) -> Result<Sample> {
+    let t = &sys_.targets;
     let (target, authority) = match point.kind {
-        Kind::Grpc => (&sys_.targets.grpc, &sys_.targets.grpc_authority),
-        _ => (&sys_.targets.http, &sys_.targets.http_authority),
+        Kind::Grpc => (&t.grpc, &t.grpc_authority),
+        Kind::Routed => (&t.routed, &t.routed_authority),
+        Kind::Http1 | Kind::Http2 => (&t.http, &t.http_authority),
     };
     let before: Vec<Duration> = sys_
         .proxies
         .iter()
         .map(|(_, pid)| sys::cpu_time(*pid).unwrap_or_default())
         .collect();
+    let stolen = sys::steal();
+    let started = std::time::Instant::now();
     let outcome = load::run(
         &Load {
             kind: point.kind,
@@ -157,6 +169,12 @@ async fn measure(sys_: &System, point: Point, duration: Duration) -> Result<Samp
         Some(topology::LOAD_CPUS),
     )
     .await?;
+    let wall = started.elapsed().as_secs_f64().max(1e-9);
+    let steal_pct = sys::steal()
+        .iter()
+        .zip(stolen)
+        .map(|(after, before)| after.saturating_sub(before).as_secs_f64() / wall * 100.0)
+        .collect();
     let secs = duration.as_secs_f64();
     let krps = (outcome.achieved_rps / 1000.0).max(1e-9);
     let millicores_per_krps = sys_
@@ -177,6 +195,7 @@ async fn measure(sys_: &System, point: Point, duration: Duration) -> Result<Samp
         outcome,
         millicores_per_krps,
         rss,
+        steal_pct,
     })
 }
 
@@ -219,6 +238,9 @@ pub struct Results {
     pub ready_ms: Vec<(String, Vec<f64>)>,
     /// system → peak RSS per proxy (bytes), read at the end.
     pub peak_rss: Vec<(Which, Vec<u64>)>,
+    /// system → requests per split service of the routed service, as its client proxy
+    /// counted them (warm-up included); empty without a routed point.
+    pub split: Vec<(Which, routed::Split)>,
 }
 
 /// Kernel threads moved for the run; restored when dropped, however the run ends.
@@ -262,9 +284,23 @@ pub async fn run(a: Args) -> Result<()> {
     let by = |w: Which| systems.iter().find(|s| s.which == w).copied();
     let mut r = Results::default();
 
-    // Warm up every path (pools, handshakes) before measuring anything.
+    let only_latency = !a.points.is_empty();
+    let points = if only_latency {
+        a.points.clone()
+    } else if a.opaque_only {
+        vec![]
+    } else {
+        plan(a.quick)
+    };
+    // Warm up every path (pools, handshakes) before measuring anything; the routed service only
+    // when it is measured, so that runs without it do exactly what they did before it existed.
+    let routed_points = points.iter().any(|p| p.kind == Kind::Routed);
+    let mut warm = vec![Kind::Http1, Kind::Grpc];
+    if routed_points {
+        warm.push(Kind::Routed);
+    }
     for s in systems {
-        for kind in [Kind::Http1, Kind::Grpc] {
+        for &kind in &warm {
             let p = Point {
                 kind,
                 rps: 200,
@@ -274,14 +310,6 @@ pub async fn run(a: Args) -> Result<()> {
         }
     }
 
-    let only_latency = !a.points.is_empty();
-    let points = if only_latency {
-        a.points.clone()
-    } else if a.opaque_only {
-        vec![]
-    } else {
-        plan(a.quick)
-    };
     for point in points {
         let mut per: Vec<(Which, Vec<Sample>)> = vec![];
         for rep in 0..repeats {
@@ -297,7 +325,26 @@ pub async fn run(a: Args) -> Result<()> {
         }
         per.sort_by_key(|(w, _)| *w as u8);
         for (w, v) in per {
-            r.latency.push((point, w, v));
+            // A point given twice is one point measured in two blocks (`A B B A` cancels drift
+            // between the two): its samples are pooled.
+            let same = r
+                .latency
+                .iter_mut()
+                .find(|(p, x, _)| p.label() == point.label() && *x == w);
+            match same {
+                Some((_, _, pooled)) => pooled.extend(v),
+                None => r.latency.push((point, w, v)),
+            }
+        }
+    }
+    if routed_points {
+        // A check, not a figure: failing to read it must not cost the run's measurements.
+        for s in [&musubi, &envoy] {
+            let counted = split(s).await.unwrap_or_else(|e| {
+                eprintln!("  {}: routed split not read: {e:#}", s.which.label());
+                vec![]
+            });
+            r.split.push((s.which, counted));
         }
     }
 
@@ -463,6 +510,19 @@ pub fn keeps_up(o: &Outcome, rate: u32) -> bool {
     o.errors == 0 && o.achieved_rps >= 0.99 * f64::from(rate)
 }
 
+/// How the client proxy of `s` split the routed service's requests, from its admin endpoint.
+async fn split(s: &System) -> Result<routed::Split> {
+    let Some(admin) = s.client_admin else {
+        return Ok(vec![]);
+    };
+    Ok(match s.which {
+        Which::Envoy => routed::envoy_split(
+            &routed::admin_get(admin, "/stats?filter=upstream_rq_total$").await?,
+        ),
+        _ => routed::musubi_split(&routed::admin_get(admin, "/metrics").await?),
+    })
+}
+
 fn push(v: &mut Vec<(String, Vec<f64>)>, key: &str, x: f64) {
     match v.iter_mut().find(|(k, _)| k == key) {
         Some((_, xs)) => xs.push(x),
@@ -506,6 +566,18 @@ mod tests {
     fn point_parsing() {
         let p = parse_point("grpc:1000:16").unwrap();
         assert_eq!((p.kind, p.rps, p.connections), (Kind::Grpc, 1000, 16));
+        let p = parse_point("routed:1000:16").unwrap();
+        assert_eq!(
+            (p.kind, p.label()),
+            (Kind::Routed, "routed 1000 rps 16 conn".into())
+        );
+        for quick in [true, false] {
+            let routed = plan(quick)
+                .iter()
+                .filter(|p| p.kind == Kind::Routed)
+                .count();
+            assert_eq!(routed, 1, "quick: {quick}");
+        }
         for (bad, says) in [
             ("http1:1000", "KIND:RPS:CONNECTIONS"),
             ("tcp:1000:16", "kind is"),

@@ -1,8 +1,9 @@
 //! The run's markdown tables and JSON: medians across repetitions with their spread, latency
 //! added over the baseline, and the musubi/envoy and musubi/baseline ratios.
 
+use super::load::Kind;
 use super::topology::Which;
-use super::{Results, Sample};
+use super::{Point, Results, Sample};
 use crate::sys::median;
 use serde_json::{Value, json};
 use std::fmt::Write;
@@ -128,6 +129,9 @@ pub fn markdown(r: &Results, pinned: bool) -> String {
             },
         );
     }
+    if let Some(note) = steal_note(r) {
+        md.push_str(&note);
+    }
     md.push_str("\n## Capacity (HTTP/1.1, 16 connections, 3 s steps ×1.5 from 2000 RPS)\n\n| system | p99 ≤ baseline p99 + 1 ms, no errors, ≥ 99 % achieved | no errors, ≥ 99 % achieved |\n|---|---|---|\n");
     for c in &r.capacity {
         let v = |rate: Option<u32>, found: bool| match (rate, found) {
@@ -162,11 +166,53 @@ pub fn markdown(r: &Results, pinned: bool) -> String {
         let f = |i: usize| peaks.get(i).map(|b| *b as f64 / MB).unwrap_or(0.0);
         let _ = writeln!(md, "| {} | {:.1} | {:.1} |", w.label(), f(0), f(1));
     }
+    if !r.split.is_empty() {
+        md.push_str("\n## Routed split (requests per split service at the client proxy, warm-up included; configured 90/10)\n\n| system | service | requests | share |\n|---|---|---|---|\n");
+        for (w, split) in &r.split {
+            let total: u64 = split.iter().map(|(_, n)| n).sum();
+            if split.is_empty() {
+                let _ = writeln!(md, "| {} | counts not read (see stderr) | | |", w.label());
+            } else if total == 0 {
+                let _ = writeln!(
+                    md,
+                    "| {} | NOT ROUTED: no request counted | 0 | |",
+                    w.label()
+                );
+            }
+            for (name, n) in split.iter().filter(|_| total > 0) {
+                let share = *n as f64 * 100.0 / total as f64;
+                let _ = writeln!(md, "| {} | {name} | {n} | {share:.1} % |", w.label());
+            }
+        }
+    }
     md.push_str("\n## Musubi against the targets\n\n");
     for (name, value) in ratios(r) {
         let _ = writeln!(md, "* {name}: {value}");
     }
     md
+}
+
+/// How much CPU time the hypervisor took during the latency points, per CPU (median and max
+/// over every sample): what makes two runs on the same VM disagree.
+fn steal_note(r: &Results) -> Option<String> {
+    let samples: Vec<&Sample> = r.latency.iter().flat_map(|(_, _, s)| s).collect();
+    let cpus = samples.iter().map(|s| s.steal_pct.len()).max()?;
+    let per_cpu: Vec<String> = (0..cpus)
+        .map(|i| {
+            let xs: Vec<f64> = samples
+                .iter()
+                .filter_map(|s| s.steal_pct.get(i).copied())
+                .collect();
+            let max = xs.iter().copied().fold(0.0, f64::max);
+            format!("CPU {i} median {:.1} %, max {max:.1} %", median(xs))
+        })
+        .collect();
+    (cpus > 0).then(|| {
+        format!(
+            "\nSteal during the latency points (CPU time the hypervisor gave to something else): {}.\n",
+            per_cpu.join("; ")
+        )
+    })
 }
 
 /// The headline comparisons (name, formatted value).
@@ -205,6 +251,7 @@ pub fn ratios(r: &Results) -> Vec<(String, String)> {
             format!("{:.2}", m_p[2] / b[2]),
         ));
     }
+    out.extend(routed_ratios(r));
     let cap = |w: Which| r.capacity.iter().find(|c| c.which == w).copied();
     if let (Some(m), Some(e)) = (cap(Which::Musubi), cap(Which::Envoy)) {
         if let (Some(mr), Some(er)) = (m.latency_bound, e.latency_bound) {
@@ -236,6 +283,55 @@ pub fn ratios(r: &Results) -> Vec<(String, String)> {
     out
 }
 
+/// What routing costs: each routed point against the HTTP/1.1 point at the same rate and
+/// connections, per pair, and the pairs against each other on the routed point.
+fn routed_ratios(r: &Results) -> Vec<(String, String)> {
+    let mut out = vec![];
+    let mut seen: Vec<String> = vec![];
+    for (p, _, _) in r.latency.iter().filter(|(p, _, _)| p.kind == Kind::Routed) {
+        let label = p.label();
+        if seen.contains(&label) {
+            continue;
+        }
+        seen.push(label.clone());
+        let plain = Point {
+            kind: Kind::Http1,
+            ..*p
+        }
+        .label();
+        let at_rate = format!("{} RPS × {}", p.rps, p.connections);
+        let both = |s: &[Sample]| {
+            let (c, sv) = cpu(s);
+            (c + sv, percentiles(s)[2])
+        };
+        for w in [Which::Musubi, Which::Envoy] {
+            if let (Some(ro), Some(pl)) = (at(r, &label, w), at(r, &plain, w)) {
+                let ((rc, rp), (pc, pp)) = (both(ro), both(pl));
+                out.push((
+                    format!("{} routed/unrouted at {at_rate}", w.label()),
+                    format!(
+                        "CPU {:.2} ({rc:.0} vs {pc:.0} millicores per 1000 RPS, both proxies), p99 {:.2} ({rp:.3} vs {pp:.3} ms)",
+                        rc / pc,
+                        rp / pp
+                    ),
+                ));
+            }
+        }
+        if let (Some(m), Some(e)) = (at(r, &label, Which::Musubi), at(r, &label, Which::Envoy)) {
+            let ((mc, mp), (ec, ep)) = (both(m), both(e));
+            out.push((
+                format!("routed at {at_rate}, musubi/envoy"),
+                format!(
+                    "CPU {:.2} ({mc:.0} vs {ec:.0} millicores), p99 {:.2} ({mp:.3} vs {ep:.3} ms)",
+                    mc / ec,
+                    mp / ep
+                ),
+            ));
+        }
+    }
+    out
+}
+
 pub fn json(r: &Results) -> Value {
     let latency: Vec<Value> = r
         .latency
@@ -249,6 +345,8 @@ pub fn json(r: &Results) -> Value {
                 "system": w.label(),
                 "p50_ms": pc[0], "p90_ms": pc[1], "p99_ms": pc[2], "p999_ms": pc[3], "max_ms": pc[4],
                 "p99_ms_each": samples.iter().map(|s| s.outcome.p99).collect::<Vec<_>>(),
+                "millicores_per_krps_each": samples.iter().map(|s| s.millicores_per_krps.clone()).collect::<Vec<_>>(),
+                "steal_pct_each": samples.iter().map(|s| s.steal_pct.clone()).collect::<Vec<_>>(),
                 "achieved_rps": med(samples, |s| s.outcome.achieved_rps),
                 "errors": samples.iter().map(|s| s.outcome.errors).sum::<u64>(),
                 "millicores_per_krps": [cc, cs],
@@ -266,6 +364,10 @@ pub fn json(r: &Results) -> Value {
         "throughput_gbps": r.throughput.iter().map(|(n, xs)| json!({"system": n, "samples": xs})).collect::<Vec<_>>(),
         "handshakes_per_s": r.handshakes.iter().map(|(n, xs)| json!({"system": n, "samples": xs})).collect::<Vec<_>>(),
         "start_to_ready_ms": r.ready_ms.iter().map(|(n, xs)| json!({"system": n, "samples": xs})).collect::<Vec<_>>(),
+        "routed_split": r.split.iter().map(|(w, split)| json!({
+            "system": w.label(),
+            "requests": split.iter().map(|(name, n)| json!({"service": name, "requests": n})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
         "peak_rss_mb": r.peak_rss.iter().map(|(w, p)| json!({"system": w.label(), "client_server": p.iter().map(|b| *b as f64 / MB).collect::<Vec<_>>()})).collect::<Vec<_>>(),
         "ratios": ratios(r).into_iter().map(|(k, v)| json!({"figure": k, "value": v})).collect::<Vec<_>>(),
     })

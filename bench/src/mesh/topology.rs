@@ -2,6 +2,7 @@
 //! backend), a Musubi proxy pair (certificates from our identity service, discovery from our
 //! controller), and an Envoy pair configured equivalently.
 
+use super::routed;
 use anyhow::{Context, Result, bail};
 use musubi_tests::envoy::Envoy;
 use musubi_tests::{Identity, mesh::Controller};
@@ -39,6 +40,9 @@ pub struct Targets {
     pub http_authority: String,
     pub grpc: String,
     pub grpc_authority: String,
+    /// The service with routes (the `routed` point): same listener as `http`, its own authority.
+    pub routed: String,
+    pub routed_authority: String,
     pub tcp: String,
     /// `CONNECT` authority for opaque TCP (Musubi's explicit mode); None: connect directly.
     pub tcp_connect: Option<String>,
@@ -49,6 +53,8 @@ pub struct System {
     pub targets: Targets,
     /// The proxies' processes: (name, pid).
     pub proxies: Vec<(String, u32)>,
+    /// The client proxy's admin endpoint (where the routed split is counted).
+    pub client_admin: Option<SocketAddr>,
     _children: Vec<Child>,
     _envoys: Vec<Envoy>,
 }
@@ -121,10 +127,13 @@ pub fn baseline(b: Backend) -> System {
             http_authority: "backend".into(),
             grpc: format!("127.0.0.1:{}", b.grpc),
             grpc_authority: "backend".into(),
+            routed: format!("127.0.0.1:{}", b.http),
+            routed_authority: "backend".into(),
             tcp: format!("127.0.0.1:{}", b.tcp),
             tcp_connect: None,
         },
         proxies: vec![],
+        client_admin: None,
         _children: vec![],
         _envoys: vec![],
     }
@@ -148,17 +157,21 @@ fn mesh_yaml(b: Backend, server_in: u16) -> String {
          - {{ name: backend, namespace: bench, port: 80, protocol: detect, endpoints: {} }}\n\
          - {{ name: grpc, namespace: bench, port: 81, protocol: http2, endpoints: {} }}\n\
          - {{ name: tcp, namespace: bench, port: 82, protocol: opaque, endpoints: {} }}\n\
+         {}\
          workloads:\n\
          - namespace: bench\n  serviceAccount: server\n  ports:\n\
          \x20\x20- {{ port: {}, allow: [{{ identity: spiffe://cluster.local/ns/bench/sa/client }}] }}\n\
          \x20\x20- {{ port: {}, allow: [{{ identity: spiffe://cluster.local/ns/bench/sa/client }}] }}\n\
-         \x20\x20- {{ port: {}, allow: [{{ identity: spiffe://cluster.local/ns/bench/sa/client }}] }}\n",
+         \x20\x20- {{ port: {}, allow: [{{ identity: spiffe://cluster.local/ns/bench/sa/client }}] }}\n\
+         {}",
         ep(b.http),
         ep(b.grpc),
         ep(b.tcp),
+        routed::mesh_services(&ep(b.http)),
         b.http,
         b.grpc,
-        b.tcp
+        b.tcp,
+        routed::mesh_routes(),
     )
 }
 
@@ -300,10 +313,13 @@ pub async fn musubi(
                 http_authority: "backend.bench:80".into(),
                 grpc: outbound.clone(),
                 grpc_authority: "grpc.bench:81".into(),
+                routed: outbound.clone(),
+                routed_authority: routed::MUSUBI_AUTHORITY.into(),
                 tcp: outbound,
                 tcp_connect: Some("tcp.bench:82".into()),
             },
             proxies,
+            client_admin: Some(format!("{}:{}", client.ip, client.admin).parse()?),
             _children: vec![client_child, server_child],
             _envoys: vec![],
         },
@@ -347,6 +363,10 @@ pub async fn envoy(cp: &ControlPlane, b: Backend) -> Result<(System, Duration)> 
     for (_, pid) in &proxies {
         crate::sys::pin(*pid, PROXY_CPUS);
     }
+    let client_admin: SocketAddr = client
+        .admin
+        .parse()
+        .with_context(|| format!("Envoy's admin address {:?}", client.admin))?;
     Ok((
         System {
             which: Which::Envoy,
@@ -355,13 +375,35 @@ pub async fn envoy(cp: &ControlPlane, b: Backend) -> Result<(System, Duration)> 
                 http_authority: "backend.bench".into(),
                 grpc: format!("127.0.0.13:{client_http}"),
                 grpc_authority: "grpc.bench".into(),
+                routed: format!("127.0.0.13:{client_http}"),
+                routed_authority: routed::ENVOY_AUTHORITY.into(),
                 tcp: format!("127.0.0.13:{client_tcp}"),
                 tcp_connect: None,
             },
             proxies,
+            client_admin: Some(client_admin),
             _children: vec![],
             _envoys: vec![client, server],
         },
         ready,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The controller takes the generated mesh file, routes and all (it refuses a bad one).
+    #[tokio::test]
+    async fn the_mesh_file_is_accepted() {
+        let b = Backend {
+            http: 10001,
+            grpc: 10002,
+            tcp: 10003,
+        };
+        let identity = Identity::start().await;
+        let yaml = mesh_yaml(b, 10004);
+        let _controller = Controller::start(&identity, &yaml).await;
+        assert!(yaml.contains("name: routed-b") && yaml.contains("\nroutes:\n"));
+    }
 }
